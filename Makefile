@@ -1,0 +1,74 @@
+# emo-lightning: `make train` trains the tiny EMO model on the bundled corpus; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= conf/experiment/emo_tiny.yaml
+BASELINE_CONFIG ?= conf/experiment/stdmoe_tiny.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+TORCH_VERSION := 2.13.0
+SHARDS := data/shards
+TOKENIZER := data/tokenizer.json
+CORPUS := data/corpus
+SHARED_CORPUS ?= ../shared/corpus
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+
+.PHONY: install data data-shared train train-baseline test lint format tensorboard bench clean help
+
+help:
+	@echo "make install         create $(VENV) (torch pinned to $(TORCH_VERSION)) and install emo-lightning"
+	@echo "make train           tiny EMO model on the bundled corpus (CONFIG=..., ARGS='--trainer.max_steps 10')"
+	@echo "make train-baseline  the same with the standard top-k router"
+	@echo "make test            the test suite;  make lint;  make bench;  make tensorboard"
+
+install: $(VENV)/.installed
+
+# torch is installed first and pinned: this resolves to the local CPU wheel on CPU-only machines and to the
+# CUDA build of the same release on GPU machines, and keeps DeepSpeed's build from pulling another torch.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $@
+
+# Tokenised WebDataset shards of the bundled corpus (the tokenizer is committed: data/tokenizer.json).
+data: $(SHARDS)/train/manifest.json $(SHARDS)/val/manifest.json
+
+$(SHARDS)/%/manifest.json: | install
+	$(BIN)/emo-data build-shards --input $(CORPUS)/$*/*.jsonl.gz --tokenizer $(TOKENIZER) \
+		--out $(SHARDS)/$* --workers 2
+
+# All eight domains of ../shared/corpus (research-only: stays outside git).
+data-shared: | install
+	$(BIN)/emo-data build-shards --input $(SHARED_CORPUS)/train/*.jsonl.gz --tokenizer $(TOKENIZER) \
+		--out $(SHARDS)/shared_train --workers 2
+	$(BIN)/emo-data build-shards --input $(SHARED_CORPUS)/val/*.jsonl.gz --tokenizer $(TOKENIZER) \
+		--out $(SHARDS)/shared_val --workers 2
+
+train: install data
+	$(BIN)/emo fit --config $(CONFIG) $(ARGS)
+
+train-baseline: install data
+	$(BIN)/emo fit --config $(BASELINE_CONFIG) $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check emo_lightning data_tools tests benchmarks
+	$(BIN)/ruff format --check emo_lightning data_tools tests benchmarks
+
+format: install
+	$(BIN)/ruff format emo_lightning data_tools tests benchmarks
+	$(BIN)/ruff check --fix emo_lightning data_tools tests benchmarks
+
+tensorboard: install
+	$(BIN)/tensorboard --logdir runs
+
+bench: install data
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(SHARDS) runs .pytest_cache

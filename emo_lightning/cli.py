@@ -1,0 +1,72 @@
+"""``emo``: the LightningCLI entry point (``emo fit --config conf/experiment/emo_tiny.yaml``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from emo_lightning.data import ShardDataModule
+from emo_lightning.lit_module import EMOLitModule
+
+
+def checkpoint_dir(runs_dir: str, experiment: str) -> str:
+    """Where the checkpoints of an experiment live (fixed, so that ``--ckpt_path last`` finds them)."""
+    return str(Path(runs_dir) / experiment / "checkpoints")
+
+
+class EMOCLI(LightningCLI):
+    """LightningCLI with an experiment name that places TensorBoard logs and checkpoints in ``runs/<name>/``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--experiment", type=str, default="emo_tiny", help="Run name: runs/<experiment>/")
+        parser.add_argument("--runs_dir", type=str, default="runs", help="Parent folder of all runs.")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.every_n_train_steps": 200,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "step{step:07d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.link_arguments(("runs_dir", "experiment"), "checkpoint.dirpath", compute_fn=checkpoint_dir)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.trainer.get("logger")
+        if logger is None or logger is True:
+            # TensorBoard by default, one folder per experiment (runs/<experiment>/), hyper-parameters included.
+            kwargs["logger"] = TensorBoardLogger(
+                save_dir=config.runs_dir, name=config.experiment, version="", default_hp_metric=False
+            )
+        return super().instantiate_trainer(**kwargs)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            # Config dataclasses validate themselves and name the offending key; show that, not a traceback.
+            print(f"emo: configuration error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run ``emo {fit,validate,test,predict}``."""
+    EMOCLI(
+        EMOLitModule,
+        ShardDataModule,
+        parser_kwargs={"parser_mode": "omegaconf+", "default_env": True},
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=1234,
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

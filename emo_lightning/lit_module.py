@@ -1,0 +1,166 @@
+"""The LightningModule: loss = cross-entropy + weighted auxiliary losses, optimizer, schedule, global balance.
+
+It knows the model (``emo_lightning.model``) and the batch contract of ``docs/architecture.md``; it knows
+nothing of file formats or shards.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from emo_lightning.metrics import DomainLoss, TokenPerplexity
+from emo_lightning.model import (
+    ArchConfig,
+    EMOTransformer,
+    GlobalLoadBalance,
+    ModelConfig,
+    ModelOutput,
+    RouterConfig,
+    flops_per_token,
+)
+from emo_lightning.optim import OptimConfig, build_optimizer
+
+IGNORE_INDEX = -100
+
+
+class EMOLitModule(L.LightningModule):
+    """Pretrains an :class:`EMOTransformer` (EMO document-pool router or the standard-MoE baseline).
+
+    Args:
+        arch: transformer shape (``--model.arch.d_model 256``).
+        router: experts and routing (``--model.router.kind standard``, ``--model.router.pool_min 4``).
+        optim: AdamW and schedule (``--model.optim.lr 1e-3``).
+    """
+
+    def __init__(
+        self,
+        arch: ArchConfig | None = None,
+        router: RouterConfig | None = None,
+        optim: OptimConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = ModelConfig(arch=arch or ArchConfig(), router=router or RouterConfig())
+        self.optim_config = optim or OptimConfig()
+        self.model = EMOTransformer(self.config)
+        self.balance = GlobalLoadBalance(
+            n_layers=self.config.arch.n_layers,
+            n_experts=self.config.router.num_experts - self.config.router.num_shared,
+            top_k=self.config.router.top_k - self.config.router.num_shared,
+        )
+        self._balance_step = -1
+        self.train_ppl = TokenPerplexity()
+        self.val_ppl = TokenPerplexity()
+        self.domains: list[str] = []
+        self.val_domain_loss: DomainLoss | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        """Check the model against the data (vocabulary, sequence length) and size the per-domain metric."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            vocab = getattr(datamodule, "vocab_size", None)
+            if vocab is not None and vocab > self.config.arch.vocab_size:
+                raise ValueError(
+                    f"model.arch.vocab_size={self.config.arch.vocab_size} is smaller than the tokenizer's "
+                    f"vocabulary ({vocab} ids, from the data manifest): set --model.arch.vocab_size {vocab}"
+                )
+            seq_len = getattr(datamodule, "seq_len", None)
+            if seq_len is not None and seq_len > self.config.arch.max_seq_len:
+                raise ValueError(
+                    f"data.seq_len={seq_len} exceeds model.arch.max_seq_len={self.config.arch.max_seq_len}"
+                )
+            self.domains = list(getattr(datamodule, "domains", []) or [])
+        if self.domains and self.val_domain_loss is None:
+            self.val_domain_loss = DomainLoss(len(self.domains))
+        if dist.is_available() and dist.is_initialized():
+            # Expert counts are summed over every rank: all data-parallel ranks together see all tokens.
+            self.balance.group = dist.group.WORLD
+
+    @property
+    def flops_per_batch(self) -> float | None:
+        """Training FLOPs (forward + backward) of one micro-batch, for Lightning's ThroughputMonitor."""
+        return getattr(self, "_flops_per_batch", None)
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, batch: dict[str, torch.Tensor], balance: GlobalLoadBalance | None = None) -> ModelOutput:
+        return self.model(batch["input_ids"], batch["doc_ids"], balance=balance)
+
+    def _token_ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy ``(B*S,)`` in fp32; 0 where the label is ignored."""
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.trainer.global_step != self._balance_step:
+            # First micro-batch of a new optimizer step: expert counts accumulate over the whole step.
+            self.balance.reset()
+            self._balance_step = self.trainer.global_step
+        if self.flops_per_batch is None:
+            rows, seq = batch["input_ids"].shape
+            self._flops_per_batch = 3 * flops_per_token(self.config, seq) * rows * seq
+        out = self(batch, balance=self.balance)
+        labels = batch["labels"]
+        n_targets = (labels != IGNORE_INDEX).sum()
+        ce = self._token_ce(out.logits, labels).sum() / n_targets.clamp_min(1)
+        loss = ce + out.aux_loss
+        self.train_ppl.update(ce.detach(), n_targets)
+        self.log_dict(
+            {
+                "train/loss": loss.detach(),
+                "train/ce": ce.detach(),
+                "train/lb": _mean_layer_stat(out, "lb"),
+                "train/z": _mean_layer_stat(out, "z"),
+            },
+            on_step=True,
+            prog_bar=False,
+        )
+        self.log("train/ppl", self.train_ppl, on_step=True, prog_bar=True)
+        self.log("loss", ce.detach(), prog_bar=True, logger=False)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self(batch)  # local balance statistics only: no collectives in validation
+        labels = batch["labels"].flatten()
+        token_loss = self._token_ce(out.logits, batch["labels"])
+        valid = labels != IGNORE_INDEX
+        n_targets = valid.sum()
+        ce = token_loss.sum() / n_targets.clamp_min(1)
+        self.val_ppl.update(ce, n_targets)
+        if self.val_domain_loss is not None:
+            domains = batch["domain_ids"].flatten()
+            keep = valid & (domains >= 0)
+            self.val_domain_loss.update(token_loss[keep], domains[keep])
+        self.log("val/ce", ce, on_epoch=True, sync_dist=True, batch_size=int(n_targets))
+        self.log("val/ppl", self.val_ppl, on_epoch=True)
+        self.log("val/lb", _mean_layer_stat(out, "lb"), on_epoch=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_domain_loss is None:
+            return
+        losses, tokens = self.val_domain_loss.compute()
+        self.val_domain_loss.reset()
+        for name, value, count in zip(self.domains, losses.tolist(), tokens.tolist(), strict=True):
+            if count > 0:
+                self.log(f"val/{name}/loss", value, sync_dist=False)
+                self.log(f"val/{name}/ppl", math.exp(min(value, 50.0)), sync_dist=False)
+
+    # -------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        if total is None and self.optim_config.decay_steps is None:
+            raise ValueError("set trainer.max_steps or model.optim.decay_steps: the cosine schedule needs a length")
+        optimizer, scheduler = build_optimizer(self.model, self.optim_config, total or 0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _mean_layer_stat(out: ModelOutput, name: str) -> torch.Tensor:
+    """Mean over layers of an unweighted per-layer auxiliary value (``lb`` or ``z``)."""
+    return torch.stack([getattr(layer, name) for layer in out.layers]).mean().detach()

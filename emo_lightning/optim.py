@@ -1,0 +1,88 @@
+"""Optimizer configuration: AdamW parameter groups and the warm-up + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and schedule hyper-parameters (defaults follow the EMO recipe, scaled for a tiny CPU model).
+
+    Attributes:
+        lr: peak learning rate, reached after ``warmup_steps``.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        weight_decay: decoupled weight decay for matrices; embeddings, norms and biases get none.
+        warmup_steps: linear warm-up length in optimizer steps.
+        decay_steps: length of the cosine decay (from step 0); ``None`` uses the trainer's ``max_steps``.
+        min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
+    """
+
+    lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split parameters into a decayed group (matrices) and an undecayed one (embeddings, norms, biases).
+
+    Every group carries a ``name`` so that DeepSpeed can split off its MoE parameter groups later.
+    """
+    embedding_params = {
+        id(p) for module in model.modules() if isinstance(module, nn.Embedding) for p in module.parameters()
+    }
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or id(param) in embedding_params:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine down to ``min_lr_ratio`` at ``decay_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, decay_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(
+    model: nn.Module, config: OptimConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over :func:`parameter_groups` with the warm-up + cosine schedule stepped every optimizer step."""
+    decay_steps = config.decay_steps if config.decay_steps is not None else total_steps
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine(step, config.warmup_steps, decay_steps, config.min_lr_ratio),
+    )
+    return optimizer, scheduler
