@@ -48,7 +48,7 @@ class EMOLitModule(L.LightningModule):
         self.save_hyperparameters()
         self.config = ModelConfig(arch=arch or ArchConfig(), router=router or RouterConfig())
         self.optim_config = optim or OptimConfig()
-        self.model = EMOTransformer(self.config)
+        self.model: EMOTransformer | None = None  # built in configure_model (directly on the device / sharded)
         self.balance = GlobalLoadBalance(
             n_layers=self.config.arch.n_layers,
             n_experts=self.config.router.num_experts - self.config.router.num_shared,
@@ -82,6 +82,11 @@ class EMOLitModule(L.LightningModule):
         if dist.is_available() and dist.is_initialized():
             # Expert counts are summed over every rank: all data-parallel ranks together see all tokens.
             self.balance.group = dist.group.WORLD
+
+    def configure_model(self) -> None:
+        """Build the transformer (idempotent). Lightning calls this under the strategy's init context."""
+        if self.model is None:
+            self.model = EMOTransformer(self.config)
 
     @property
     def flops_per_batch(self) -> float | None:
