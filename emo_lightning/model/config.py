@@ -1,0 +1,207 @@
+"""Typed model configuration: architecture, router and their combination.
+
+Plain dataclasses (read by LightningCLI / jsonargparse). Every field has a default; the defaults describe a
+tiny CPU model (vocab 4096, d_model 128, 4 layers x 4 heads, 16 SwiGLU experts of hidden 128 with 1 shared,
+top-3, training pools of 3..15 routable experts, eval pool 4). Invalid combinations raise ``ValueError`` at
+construction with a message naming the field (``arch.n_heads``, ``router.pool_min``, ...) and the offending
+values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+RouterKind = Literal["emo", "standard"]
+AttentionBackend = Literal["auto", "sdpa", "flex"]
+
+
+def _fail(name: str, msg: str) -> None:
+    raise ValueError(f"{name}: {msg}")
+
+
+def _positive(prefix: str, **fields: float) -> None:
+    for name, value in fields.items():
+        if value <= 0:
+            _fail(f"{prefix}.{name}", f"must be > 0, got {value}")
+
+
+@dataclass
+class ArchConfig:
+    """Decoder-only transformer shape (everything except the router)."""
+
+    vocab_size: int = 4096
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None = n_heads (multi-head attention); fewer = grouped-query attention
+    expert_hidden: int = 128  # SwiGLU hidden size of one expert
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    qk_norm: bool = False  # RMSNorm on queries and keys (per head) before RoPE
+    doc_attention_mask: bool = True  # intra-document causal attention (never attend across doc_ids)
+    init_std: float = 0.02  # truncated normal (+-3 std) for every weight matrix
+    max_seq_len: int = 1024  # RoPE table length
+    lm_head_z_weight: float = 0.0  # z-loss on the LM-head logits (spec: 1e-5 optional)
+    attention_backend: AttentionBackend = "auto"  # auto = FlexAttention on CUDA, SDPA + boolean mask on CPU
+
+    def __post_init__(self) -> None:
+        p = "arch"
+        _positive(
+            p,
+            vocab_size=self.vocab_size,
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            expert_hidden=self.expert_hidden,
+            rope_theta=self.rope_theta,
+            norm_eps=self.norm_eps,
+            init_std=self.init_std,
+            max_seq_len=self.max_seq_len,
+        )
+        if self.d_model % self.n_heads:
+            _fail(
+                f"{p}.n_heads",
+                f"must divide arch.d_model, got n_heads={self.n_heads}, d_model={self.d_model}",
+            )
+        if (self.d_model // self.n_heads) % 2:
+            _fail(
+                f"{p}.n_heads",
+                f"head size d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE",
+            )
+        if self.n_kv_heads is not None:
+            _positive(p, n_kv_heads=self.n_kv_heads)
+            if self.n_heads % self.n_kv_heads:
+                _fail(
+                    f"{p}.n_kv_heads",
+                    f"must divide arch.n_heads, got n_kv_heads={self.n_kv_heads}, n_heads={self.n_heads}",
+                )
+        if self.lm_head_z_weight < 0:
+            _fail(f"{p}.lm_head_z_weight", f"must be >= 0, got {self.lm_head_z_weight}")
+        if self.attention_backend not in ("auto", "sdpa", "flex"):
+            _fail(f"{p}.attention_backend", f"must be auto|sdpa|flex, got {self.attention_backend!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+
+@dataclass
+class RouterConfig:
+    """Mixture-of-experts routing. ``num_experts`` and ``top_k`` include the shared experts.
+
+    Pool fields (``pool_min``, ``pool_max``, ``pool_eval``) count routable experts (E' = E - n_sh) and are
+    only validated for ``kind="emo"``; the standard router ignores them.
+    """
+
+    kind: RouterKind = "emo"
+    num_experts: int = 16  # E, including shared experts
+    num_shared: int = 1  # n_sh, always-on experts with gate weight exactly 1.0
+    top_k: int = 3  # k, including shared experts (routed per token: k' = k - n_sh)
+    pool_min: int = 3  # training pool size P ~ UniformInt[pool_min, pool_max] per document, layer, forward
+    pool_max: int = 15
+    pool_eval: int = 4  # fixed pool size in eval mode
+    unpooled_fraction: float = 0.0  # probability that a training document gets no pool restriction
+    lb_weight: float = 0.1  # total load-balance weight (each layer gets lb_weight / n_layers)
+    z_weight: float = 0.001  # total router z-loss weight (each layer gets z_weight / n_layers)
+    seed: int = 0  # seeds pool-size generators and expert initialisation
+
+    def __post_init__(self) -> None:
+        p = "router"
+        if self.kind not in ("emo", "standard"):
+            _fail(f"{p}.kind", f"must be 'emo' or 'standard', got {self.kind!r}")
+        _positive(p, num_experts=self.num_experts, top_k=self.top_k)
+        if self.num_shared < 0:
+            _fail(f"{p}.num_shared", f"must be >= 0, got {self.num_shared}")
+        if self.num_shared >= self.top_k:
+            _fail(
+                f"{p}.num_shared",
+                f"must be < router.top_k (k includes the shared experts), got num_shared={self.num_shared}, "
+                f"top_k={self.top_k}",
+            )
+        if self.top_k > self.num_experts:
+            _fail(
+                f"{p}.top_k",
+                f"must be <= router.num_experts, got top_k={self.top_k}, num_experts={self.num_experts}",
+            )
+        kr, er = self.routed_k, self.num_routed
+        if kr > er:
+            _fail(
+                f"{p}.top_k",
+                f"routed experts per token k'={kr} exceed routable experts E'={er} "
+                f"(num_experts={self.num_experts}, num_shared={self.num_shared})",
+            )
+        if not 0.0 <= self.unpooled_fraction <= 1.0:
+            _fail(f"{p}.unpooled_fraction", f"must be in [0, 1], got {self.unpooled_fraction}")
+        if self.lb_weight < 0:
+            _fail(f"{p}.lb_weight", f"must be >= 0, got {self.lb_weight}")
+        if self.z_weight < 0:
+            _fail(f"{p}.z_weight", f"must be >= 0, got {self.z_weight}")
+        if self.kind == "emo":
+            for name in ("pool_min", "pool_eval"):
+                v = getattr(self, name)
+                if v < kr:
+                    _fail(
+                        f"{p}.{name}",
+                        f"must be >= routed experts per token k'=top_k-num_shared={kr}, got {name}={v} "
+                        "(top-k would pick experts outside the pool)",
+                    )
+            if self.pool_max < self.pool_min:
+                _fail(
+                    f"{p}.pool_max",
+                    f"must be >= router.pool_min, got pool_max={self.pool_max}, pool_min={self.pool_min}",
+                )
+            for name in ("pool_max", "pool_eval"):
+                v = getattr(self, name)
+                if v > er:
+                    _fail(
+                        f"{p}.{name}",
+                        f"must be <= routable experts E'=num_experts-num_shared={er}, got {name}={v}",
+                    )
+
+    @property
+    def num_routed(self) -> int:
+        """E' = E - n_sh, the routable experts (router rows)."""
+        return self.num_experts - self.num_shared
+
+    @property
+    def routed_k(self) -> int:
+        """k' = k - n_sh, routed experts per token."""
+        return self.top_k - self.num_shared
+
+
+@dataclass
+class ModelConfig:
+    """Architecture + router. Nested dicts are accepted and converted (e.g. from YAML)."""
+
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.arch, dict):
+            self.arch = ArchConfig(**self.arch)
+        if isinstance(self.router, dict):
+            self.router = RouterConfig(**self.router)
+        if not isinstance(self.arch, ArchConfig):
+            _fail("arch", f"must be an ArchConfig, got {type(self.arch).__name__}")
+        if not isinstance(self.router, RouterConfig):
+            _fail("router", f"must be a RouterConfig, got {type(self.router).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def derive_seed(*parts: int) -> int:
+    """Deterministic 63-bit seed from integers (splitmix64 chain), e.g. ``derive_seed(seed, layer,
+    expert)``."""
+    mask = (1 << 64) - 1
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & mask)) * 0xBF58476D1CE4E5B9 & mask
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & mask
+        h ^= h >> 29
+    return h & ((1 << 63) - 1)

@@ -1,0 +1,134 @@
+"""Routers: standard top-k and the EMO document-pool router (vectorised, no host synchronisation).
+
+Expert numbering: routable experts are ``0 .. E'-1`` (the router's rows, the index of ``counts``); the shared
+experts are ``E' .. E-1``. They have no router row and are applied to every token with gate weight 1.0.
+
+EMO forward (per layer), with N = B*S tokens and flat segment id ``seg = b*S + doc_id`` (at most N segments,
+so the number of documents never needs to be known on the host):
+
+    z    = h @ W^T (fp32)                       (N,E')
+    q    = softmax(z).detach()                  (N,E')  unmasked, no gradient through the pool choice
+    pref = zeros(N,E').index_add_(0, seg, q)    (N,E')  summed preference per segment
+    P    ~ UniformInt[pool_min, pool_max]       (N,)    per segment, seeded generator; pool_eval in eval mode
+    pool = top-P rows of pref -> (N,E') bool, gathered back to tokens by seg
+    s    = softmax(z.masked_fill(~pool, -inf))  (N,E')  0 outside the pool, sums to 1 inside
+    w, idx = topk(s, k')                        (N,k')  not renormalised
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from emo_lightning.model.config import RouterConfig, derive_seed
+from emo_lightning.model.losses import z_loss
+
+_POOL_STREAM = 0x5EED  # seed-derivation tag for pool-size generators
+
+
+@dataclass
+class RouterOutput:
+    """Routing of one layer for one forward (N = B*S tokens, flattened)."""
+
+    experts: Tensor  # (N,k') long, routed expert ids in [0,E'), by descending weight
+    weights: Tensor  # (N,k') fp32, gate weights (grad), not renormalised
+    scores: Tensor  # (N,E') fp32, masked softmax s (grad)
+    z_loss: Tensor  # () mean over tokens of logsumexp(z_m)^2 (grad)
+    counts: Tensor  # (E',) long, token-slot assignments per routable expert (no grad)
+    pool_sizes: Tensor  # (B,S) long, effective pool size of segment g at [b,g], -1 for absent segments
+    logits: Tensor  # (N,E') fp32 unmasked router logits z (grad)
+
+
+def segment_ids(doc_ids: Tensor) -> Tensor:
+    """Flat segment id b*S + doc_id. doc_ids: (B,S) with 0 <= doc_id < S -> (N,) long."""
+    b, s = doc_ids.shape
+    row = torch.arange(b, device=doc_ids.device).unsqueeze(1) * s  # (B,1)
+    return (row + doc_ids).reshape(-1)
+
+
+def pool_mask(probs: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int) -> Tensor:
+    """Token-level pool membership.
+
+    probs: (N,E') unmasked softmax (no grad needed); seg: (N,) flat segment ids in [0,N); pool_sizes: (N,)
+    long pool size per segment id; max_pool: host-side upper bound of pool_sizes (clipped to E').
+    Returns (N,E') bool: expert e is in the pool of token t's segment.
+    """
+    n, e = probs.shape
+    max_pool = min(max_pool, e)
+    pref = torch.zeros(n, e, dtype=probs.dtype, device=probs.device).index_add_(0, seg, probs)  # (N,E')
+    top = pref.topk(max_pool, dim=-1, sorted=True).indices  # (N,Pmax) best first
+    keep = torch.arange(max_pool, device=probs.device) < pool_sizes.unsqueeze(1)  # (N,Pmax)
+    seg_pool = torch.zeros(n, e, dtype=torch.bool, device=probs.device).scatter_(1, top, keep)  # (N,E')
+    return seg_pool.index_select(0, seg)  # (N,E')
+
+
+class Router(nn.Module):
+    """Linear router over the E' routable experts, standard or EMO document-pool.
+
+    Pool sizes are drawn from a per-router CPU ``torch.Generator`` seeded by ``(cfg.seed, layer_idx)``; its
+    state is saved in the state_dict (extra state) so that resuming is exact. ``eval_pool`` (default
+    ``cfg.pool_eval``, ``None`` = unrestricted) sets the pool in eval mode.
+    """
+
+    def __init__(self, cfg: RouterConfig, d_model: int, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.kind = cfg.kind
+        self.num_routed, self.k = cfg.num_routed, cfg.routed_k
+        self.pool_min, self.pool_max = cfg.pool_min, cfg.pool_max
+        self.unpooled_fraction = cfg.unpooled_fraction
+        self.eval_pool: int | None = cfg.pool_eval
+        self.layer_idx = layer_idx
+        self.weight = nn.Parameter(torch.empty(self.num_routed, d_model))  # (E',d)
+        self.generator = torch.Generator(device="cpu")
+        self.reseed(cfg.seed)
+
+    def reseed(self, seed: int) -> None:
+        """Reset the pool-size generator to ``(seed, layer_idx)``."""
+        self.generator.manual_seed(derive_seed(seed, self.layer_idx, _POOL_STREAM))
+
+    def get_extra_state(self) -> Any:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.generator.set_state(state["generator"])
+
+    def _pool_sizes(self, n: int, device: torch.device) -> tuple[Tensor | None, int]:
+        """Pool size per flat segment id (n,) and its host-side maximum; None = no restriction anywhere."""
+        e = self.num_routed
+        if self.kind != "emo":
+            return None, e
+        if not self.training:
+            if self.eval_pool is None or self.eval_pool >= e:
+                return None, e
+            return torch.full((n,), self.eval_pool, dtype=torch.long, device=device), self.eval_pool
+        p = torch.randint(self.pool_min, self.pool_max + 1, (n,), generator=self.generator)
+        pmax = self.pool_max
+        if self.unpooled_fraction > 0:
+            free = torch.rand(n, generator=self.generator) < self.unpooled_fraction
+            p = p.masked_fill(free, e)
+            pmax = e
+        return p.to(device, non_blocking=True), pmax
+
+    def forward(self, h: Tensor, doc_ids: Tensor) -> RouterOutput:
+        """h: (B,S,d) normalised hidden; doc_ids: (B,S) segment ids."""
+        b, s, d = h.shape
+        n, e = b * s, self.num_routed
+        logits = F.linear(h.reshape(n, d).float(), self.weight.float())  # (N,E') fp32, unmasked
+        z = logits
+        seg = segment_ids(doc_ids)  # (N,)
+        sizes, pmax = self._pool_sizes(n, h.device)
+        if sizes is not None:
+            in_pool = pool_mask(z.detach().softmax(-1), seg, sizes, pmax)  # (N,E') bool
+            z = z.masked_fill(~in_pool, float("-inf"))
+        s_ = z.softmax(-1)  # (N,E')
+        w, idx = s_.topk(self.k, dim=-1)  # (N,k')
+        flat = idx.reshape(-1)
+        counts = torch.zeros(e, dtype=torch.long, device=h.device).index_add_(0, flat, torch.ones_like(flat))
+        present = torch.zeros(n, dtype=torch.bool, device=h.device).index_fill_(0, seg, True)  # (N,)
+        eff = torch.full((n,), e, dtype=torch.long, device=h.device) if sizes is None else sizes.clamp(max=e)
+        pool_sizes = torch.where(present, eff, torch.full_like(eff, -1)).view(b, s)
+        return RouterOutput(idx, w, s_, z_loss(z), counts, pool_sizes, logits)

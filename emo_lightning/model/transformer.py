@@ -1,0 +1,154 @@
+"""Decoder-only MoE transformer (pre-norm RMSNorm, RoPE, SwiGLU experts, untied LM head)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from emo_lightning.model.attention import Attention, AttentionMask, RMSNorm
+from emo_lightning.model.config import ModelConfig
+from emo_lightning.model.losses import GlobalLoadBalance, load_balance, z_loss
+from emo_lightning.model.moe import ExpertImpl, MoELayer
+from emo_lightning.model.router import RouterOutput
+
+
+@dataclass
+class LayerRouting:
+    """Routing statistics of one MoE layer for one forward.
+
+    Expert ids: routable 0..E'-1, shared E'..E-1. ``pool_sizes`` is (B, G) with G = S (an upper bound on the
+    number of segments per row, no host sync): column g is segment ``doc_id == g``; -1 for absent segments;
+    the standard router (and unrestricted documents) report E'.
+    """
+
+    counts: Tensor  # (E',) long, local token-slot assignments of this forward (no grad)
+    lb: Tensor  # () unweighted load-balance value of this layer (detached)
+    z: Tensor  # () unweighted router z-loss of this layer (detached)
+    pool_sizes: Tensor  # (B,G) long
+    experts: Tensor | None = None  # (B,S,k) long, routed (by descending weight) then shared, if return_routes
+    weights: Tensor | None = None  # (B,S,k) fp32, shared experts 1.0, if return_routes (detached)
+    probs: Tensor | None = (
+        None  # (B,S,E') unmasked softmax over routable experts, if return_routes (detached)
+    )
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B,S,V)
+    lb_loss: Tensor  # () sum over layers of (lb_weight / L) * lb_l (grad)
+    z_loss: Tensor  # () sum over layers of (z_weight / L) * z_l (grad)
+    aux_loss: Tensor  # () lb_loss + z_loss + lm_z_loss
+    layers: list[LayerRouting] = field(default_factory=list)
+    lm_z_loss: Tensor | None = None  # () lm_head_z_weight * z_loss(logits) (0 when the weight is 0)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, expert_impl: ExpertImpl = "auto") -> None:
+        super().__init__()
+        a = cfg.arch
+        self.attn_norm = RMSNorm(a.d_model, a.norm_eps)
+        self.attn = Attention(a)
+        self.ffn_norm = RMSNorm(a.d_model, a.norm_eps)
+        self.moe = MoELayer(a, cfg.router, layer_idx, impl=expert_impl)
+
+    def forward(self, x: Tensor, mask: AttentionMask, doc_ids: Tensor) -> tuple[Tensor, RouterOutput]:
+        x = x + self.attn(self.attn_norm(x), mask)
+        y, r = self.moe(self.ffn_norm(x), doc_ids)
+        return x + y, r
+
+
+class EMOTransformer(nn.Module):
+    """``model(input_ids (B,S), doc_ids (B,S), *, balance=None, return_routes=False) -> ModelOutput``."""
+
+    def __init__(self, cfg: ModelConfig, expert_impl: ExpertImpl = "auto") -> None:
+        super().__init__()
+        self.cfg = cfg
+        a = cfg.arch
+        self.embed = nn.Embedding(a.vocab_size, a.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i, expert_impl) for i in range(a.n_layers))
+        self.norm = RMSNorm(a.d_model, a.norm_eps)
+        self.lm_head = nn.Linear(a.d_model, a.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Truncated normal (+-3 std, init_std) for every matrix, ones for norms. Dense weights use the global
+        RNG; every expert (routed and shared) uses its own generator seeded by (router.seed, layer, expert
+        id)."""
+        std = self.cfg.arch.init_std
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std, a=-3 * std, b=3 * std)
+            elif isinstance(m, MoELayer):
+                m.reset_parameters(std)
+
+    def routers(self) -> list[nn.Module]:
+        return [b.moe.router for b in self.blocks]
+
+    def set_eval_pool(self, pool: int | None) -> None:
+        """Pool size used in eval mode by every EMO router (None = unrestricted, i.e. full top-k routing)."""
+        for r in self.routers():
+            r.eval_pool = pool
+
+    def reseed_routers(self, seed: int) -> None:
+        """Reset every router's pool-size generator to (seed, layer) (e.g. fold in the data-parallel rank)."""
+        for r in self.routers():
+            r.reseed(seed)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        doc_ids: Tensor | None = None,
+        *,
+        balance: GlobalLoadBalance | None = None,
+        return_routes: bool = False,
+    ) -> ModelOutput:
+        """input_ids, doc_ids: (B,S) long (doc_ids None = one document per row)."""
+        rc, n_layers = self.cfg.router, self.cfg.arch.n_layers
+        if doc_ids is None:
+            doc_ids = torch.zeros_like(input_ids)
+        b, s = input_ids.shape
+        mask = AttentionMask.build(doc_ids, self.cfg.arch)
+        x = self.embed(input_ids)  # (B,S,d)
+        routes: list[RouterOutput] = []
+        for blk in self.blocks:
+            x, r = blk(x, mask, doc_ids)
+            routes.append(r)
+        logits = self.lm_head(self.norm(x))  # (B,S,V)
+
+        counts = torch.stack([r.counts for r in routes])  # (L,E') long
+        pbar = torch.stack([r.scores.mean(0) for r in routes])  # (L,E') grad
+        if balance is not None:
+            c, t = balance.update(counts, pbar, b * s)
+            lb = load_balance(c, t, pbar, rc.routed_k)  # (L,)
+        else:
+            lb = load_balance(counts, float(b * s), pbar, rc.routed_k)
+        z = torch.stack([r.z_loss for r in routes])  # (L,)
+        lb_loss = (rc.lb_weight / n_layers) * lb.sum()
+        z_total = (rc.z_weight / n_layers) * z.sum()
+        w_lm = self.cfg.arch.lm_head_z_weight
+        lm_z = w_lm * z_loss(logits) if w_lm > 0 else logits.new_zeros((), dtype=torch.float32)
+
+        layers = []
+        for i, r in enumerate(routes):
+            lr = LayerRouting(r.counts, lb[i].detach(), z[i].detach(), r.pool_sizes)
+            if return_routes:
+                lr.experts, lr.weights = self._full_routes(r, b, s)
+                lr.probs = r.logits.detach().softmax(-1).view(b, s, -1)
+            layers.append(lr)
+        return ModelOutput(logits, lb_loss, z_total, lb_loss + z_total + lm_z, layers, lm_z)
+
+    def _full_routes(self, r: RouterOutput, b: int, s: int) -> tuple[Tensor, Tensor]:
+        """Append shared experts (ids E'..E-1, weight 1.0). -> experts, weights: (B,S,k)."""
+        rc = self.cfg.router
+        n = b * s
+        shared = torch.arange(rc.num_routed, rc.num_experts, device=r.experts.device).expand(n, rc.num_shared)
+        experts = torch.cat([r.experts, shared], dim=1).view(b, s, rc.top_k)
+        weights = torch.cat([r.weights.detach(), r.weights.new_ones(n, rc.num_shared)], dim=1).view(
+            b, s, rc.top_k
+        )
+        return experts, weights
