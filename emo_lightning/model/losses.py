@@ -47,9 +47,10 @@ class GlobalLoadBalance:
     """
 
     def __init__(
-        self, n_layers: int, num_routed: int, routed_k: int, group: Any = None, sync: bool = True
+        self, n_layers: int, n_experts: int, top_k: int, group: Any = None, sync: bool = True
     ) -> None:
-        self.n_layers, self.num_routed, self.routed_k = n_layers, num_routed, routed_k
+        """n_experts: routable experts E' (= num_experts - num_shared); top_k: routed experts per token k'."""
+        self.n_layers, self.n_experts, self.top_k = n_layers, n_experts, top_k
         self.group, self.sync = group, sync
         self.counts: Tensor | None = None  # (L,E') float64, global running counts of the step
         self.pbar_sum: Tensor | None = None  # (L,E') float64, global running sum over tokens of s (detached)
@@ -99,7 +100,7 @@ class GlobalLoadBalance:
         """Exact LB per layer (L,) of everything accumulated in this step (no grad), for logging."""
         if self.counts is None:
             raise RuntimeError("GlobalLoadBalance.step_lb() called before any update in this step")
-        return load_balance(self.counts, self.tokens, self.pbar_sum / self.tokens, self.routed_k)
+        return load_balance(self.counts, self.tokens, self.pbar_sum / self.tokens, self.top_k)
 
     def fractions(self) -> Tensor:
         """f_e = C_e / D per layer (L,E'); sums to k' per layer."""
