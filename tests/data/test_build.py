@@ -1,0 +1,132 @@
+"""build-tokenizer / build-shards: manifest, domain mixing, determinism, foreign tokenizers, CLI."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+from data_tools.cli import main
+from data_tools.manifest import FORMAT_VERSION, Manifest
+from data_tools.shards import build_shards, token_dtype
+from data_tools.tokenizer import file_sha256
+from emo_lightning.data.shards import read_shard
+
+
+def test_manifest(shards: Path, corpus: tuple[list[Path], list[dict]], tokenizer_path: Path) -> None:
+    m = Manifest.load(shards)
+    raw = json.loads((shards / "manifest.json").read_text())
+    assert raw["format_version"] == FORMAT_VERSION
+    assert m.domains == {"code": 0, "literature": 1, "math": 2, "science": 3}
+    assert m.tokenizer["sha256"] == file_sha256(tokenizer_path)
+    assert (m.vocab_size, m.eos_id, m.pad_id, m.token_dtype) == (4096, 0, 1, "uint16")
+    assert m.totals["docs"] == len(corpus[1]) == sum(s.docs for s in m.shards)
+    assert (
+        m.totals["tokens"]
+        == sum(s.tokens for s in m.shards)
+        == sum(d["tokens"] for d in m.per_domain.values())
+    )
+    for name, counts in m.per_domain.items():
+        assert counts["docs"] == sum(r["domain"] == name for r in corpus[1])
+        assert counts["tokens"] == sum(s.domains.get(name, {}).get("tokens", 0) for s in m.shards)
+    assert m.skipped["total"] == 0 and len(m.shards) >= 16
+    # Per-shard counts match the shard contents; keys are unique and documents end with EOS.
+    keys = set()
+    for info in m.shards:
+        docs = list(read_shard(str(shards / info.name)))
+        assert len(docs) == info.docs and sum(len(t) for _, t, _ in docs) == info.tokens
+        assert all(t.dtype == np.uint16 and t[-1] == m.eos_id for _, t, _ in docs)
+        keys.update(k for k, _, _ in docs)
+    assert len(keys) == m.totals["docs"]
+
+
+def test_shards_mix_domains(shards: Path) -> None:
+    """Input files hold one domain each: the seeded merge spreads every domain over the whole shard list."""
+    m = Manifest.load(shards)
+    order = [dom for info in m.shards for _, _, dom in read_shard(str(shards / info.name))]
+    for domain in m.domains:
+        pos = np.flatnonzero(np.array(order) == domain) / len(order)
+        assert 0.3 < pos.mean() < 0.7, domain
+    first_half = Counter(order[: len(order) // 2])
+    assert set(first_half) == set(m.domains)
+
+
+def test_deterministic_and_independent_of_workers(corpus, tokenizer_path: Path, tmp_path: Path) -> None:
+    a = build_shards(corpus[0], tokenizer_path, tmp_path / "a", shard_size=4096, workers=1, quiet=True)
+    b = build_shards(corpus[0], tokenizer_path, tmp_path / "b", shard_size=4096, workers=2, quiet=True)
+    assert [s.name for s in a.manifest.shards] == [s.name for s in b.manifest.shards]
+    for s in a.manifest.shards:
+        assert (tmp_path / "a" / s.name).read_bytes() == (tmp_path / "b" / s.name).read_bytes()
+    c = build_shards(corpus[0], tokenizer_path, tmp_path / "c", shard_size=4096, seed=1, quiet=True)
+    assert c.manifest.per_domain == a.manifest.per_domain
+    assert (tmp_path / "c" / "shard-000000.tar").read_bytes() != (
+        tmp_path / "a" / "shard-000000.tar"
+    ).read_bytes()
+    with pytest.raises(FileExistsError):
+        build_shards(corpus[0], tokenizer_path, tmp_path / "a", quiet=True)
+
+
+def test_foreign_huggingface_tokenizer(corpus, tmp_path: Path) -> None:
+    """A BERT-style tokenizer.json ([SEP]/[PAD], a post-processor adding [CLS]) works in place of ours."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    texts = [r["text"] for r in corpus[1]]
+    tok.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=800, special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]"])
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)]
+    )
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    m = build_shards(corpus[0], path, tmp_path / "shards", quiet=True).manifest
+    assert (m.eos_id, m.pad_id) == (2, 3)
+    assert m.tokenizer["eos_token"] == "[SEP]"
+    docs = sorted(
+        tuple(t.tolist()) for s in m.shards for _, t, _ in read_shard(str(tmp_path / "shards" / s.name))
+    )
+    want = sorted((*tok.encode(t, add_special_tokens=False).ids, 2) for t in texts)
+    assert docs == want
+
+
+def test_token_dtype() -> None:
+    assert token_dtype(4096) == np.uint16 and token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32 and token_dtype(200_000) == np.uint32
+
+
+def test_cli_end_to_end(corpus, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    tok = tmp_path / "tok.json"
+    main(["build-tokenizer", "--input", *map(str, corpus[0]), "--vocab-size", "400", "--out", str(tok)])
+    t = Tokenizer.from_file(str(tok))
+    assert t.get_vocab_size() == 400
+    assert (t.token_to_id("<|endoftext|>"), t.token_to_id("<|pad|>")) == (0, 1)
+    out = tmp_path / "shards"
+    main(
+        [
+            "build-shards",
+            "--input",
+            *map(str, corpus[0]),
+            "--tokenizer",
+            str(tok),
+            "--out",
+            str(out),
+            "--shard-size",
+            "8k",
+            "--workers",
+            "2",
+            "--quiet",
+        ]
+    )
+    m = Manifest.load(out)
+    assert m.vocab_size == 400 and m.build["shard_size"] == 8192 and m.build["workers"] == 2
+    with tarfile.open(out / m.shards[0].name) as tar:
+        names = tar.getnames()
+    assert {n.split(".", 1)[1] for n in names} == {"tokens.npy", "domain.txt", "id.txt"}
+    main(["inspect", str(out)])
+    assert "per_domain" in capsys.readouterr().out
