@@ -36,7 +36,7 @@ class ShardInfo:
 
 @dataclass
 class Manifest:
-    """The parsed ``manifest.json`` of a shard directory (see ``docs/data.md`` for the schema)."""
+    """The parsed ``manifest.json`` of a shard directory (see ``data/README.md`` for the schema)."""
 
     vocab_size: int
     eos_id: int

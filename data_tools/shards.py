@@ -18,6 +18,7 @@ import io
 import json
 import math
 import multiprocessing as mp
+import os
 import random
 import re
 import tarfile
@@ -97,9 +98,11 @@ def auto_shard_size(total_tokens: int) -> int:
 _progress: Any = None  # shared array of bytes read per file (set in pool workers)
 
 
-def _init_worker(progress: Any) -> None:
+def _init_worker(progress: Any, single_threaded: bool = False) -> None:
     global _progress
     _progress = progress
+    if single_threaded:  # one tokenizer thread per worker process: no oversubscription of the cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _encode(
@@ -194,7 +197,7 @@ def _tokenize_all(
                 bar.update(sum(progress) - bar.n)
             return results
         shared = mp.Array("q", len(inputs), lock=False)
-        with mp.get_context("fork").Pool(min(workers, len(inputs)), _init_worker, (shared,)) as pool:
+        with mp.get_context("fork").Pool(min(workers, len(inputs)), _init_worker, (shared, True)) as pool:
             pending = [pool.apply_async(tokenize_file, a) for a in args]
             while not all(p.ready() for p in pending):
                 time.sleep(0.1)

@@ -1,4 +1,4 @@
-"""``ShardDataModule``: packed batches from tokenised WebDataset shards (see ``docs/data.md``)."""
+"""``ShardDataModule``: packed batches from tokenised WebDataset shards (see ``data/README.md``)."""
 
 from __future__ import annotations
 

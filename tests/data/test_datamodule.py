@@ -210,3 +210,20 @@ def test_lightning_checkpoint_resume(shards: Path, tmp_path: Path) -> None:
     _, resumed = _fit(make_dm(shards, val_shards=None), 5, str(tmp_path / "a.ckpt"), tmp_path)
     assert resumed.seen == stream[6:10]
     assert np.isfinite(resumed.w.item())
+
+
+SHARED_TINY = Path(__file__).resolve().parents[3] / "shared" / "corpus" / "tiny" / "val.jsonl"
+
+
+@pytest.mark.skipif(not SHARED_TINY.exists(), reason="../shared/corpus (research-only data) not available")
+def test_shared_corpus_all_domains(tokenizer_path: Path, tmp_path: Path) -> None:
+    """The eight-domain research corpus (read from ../shared, never committed): per-domain conservation."""
+    from data_tools.shards import build_shards
+
+    m = build_shards([SHARED_TINY], tokenizer_path, tmp_path / "shards", shard_size=2048, quiet=True).manifest
+    assert len(m.domains) == 8
+    dm = make_dm(tmp_path / "shards", rank=1, world_size=2, num_workers=2)
+    other = make_dm(tmp_path / "shards", rank=0, world_size=2, num_workers=0)
+    got = Counter(domain_tokens(list(dm.val_dataloader()), dm.domains))
+    got.update(domain_tokens(list(other.val_dataloader()), dm.domains))
+    assert dict(got) == {k: v["tokens"] for k, v in m.per_domain.items()}
