@@ -316,11 +316,11 @@ def build_shards(
             raise InputError(p, 0, "unreadable_file", "no such file")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    old = sorted(out.glob("shard-*.tar")) + ([out / MANIFEST_NAME] if (out / MANIFEST_NAME).exists() else [])
-    if old and not overwrite:
-        raise FileExistsError(f"{out}: already holds shards or a manifest (pass --overwrite to replace them)")
-    for f in old:
-        f.unlink()
+    if (out / MANIFEST_NAME).exists() and not overwrite:
+        raise FileExistsError(f"{out}: already holds a shard set (pass --overwrite to replace it)")
+    # Without a manifest, shards are the leftovers of an interrupted build: replaced without asking.
+    for f in [*out.glob("shard-*.tar"), out / MANIFEST_NAME]:
+        f.unlink(missing_ok=True)
     tokenizer = load_tokenizer(tokenizer_path)
     eos_tok, eos_id, pad_tok, pad_id = special_ids(tokenizer, eos_token, pad_token, str(tokenizer_path))
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
