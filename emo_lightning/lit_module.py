@@ -22,11 +22,15 @@ from emo_lightning.model import (
     ModelConfig,
     ModelOutput,
     RouterConfig,
+    derive_seed,
     flops_per_token,
 )
 from emo_lightning.optim import OptimConfig, build_optimizer
 
 IGNORE_INDEX = -100
+
+# Checkpoints store the typed configs as hyper-parameters; allow them under torch's weights_only loading.
+torch.serialization.add_safe_globals([ArchConfig, RouterConfig, OptimConfig])
 
 
 class EMOLitModule(L.LightningModule):
@@ -49,12 +53,8 @@ class EMOLitModule(L.LightningModule):
         self.config = ModelConfig(arch=arch or ArchConfig(), router=router or RouterConfig())
         self.optim_config = optim or OptimConfig()
         self.model: EMOTransformer | None = None  # built in configure_model (directly on the device / sharded)
-        self.balance = GlobalLoadBalance(
-            n_layers=self.config.arch.n_layers,
-            n_experts=self.config.router.num_experts - self.config.router.num_shared,
-            top_k=self.config.router.top_k - self.config.router.num_shared,
-        )
-        self._balance_step = -1
+        self.balance = GlobalLoadBalance.for_model(self.config)
+        self._step_started = -1
         self.train_ppl = TokenPerplexity()
         self.val_ppl = TokenPerplexity()
         self.domains: list[str] = []
@@ -104,10 +104,8 @@ class EMOLitModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self.trainer.global_step != self._balance_step:
-            # First micro-batch of a new optimizer step: expert counts accumulate over the whole step.
-            self.balance.reset()
-            self._balance_step = self.trainer.global_step
+        if self.trainer.global_step != self._step_started:
+            self._start_optimizer_step(self.trainer.global_step)
         if self.flops_per_batch is None:
             rows, seq = batch["input_ids"].shape
             self._flops_per_batch = 3 * flops_per_token(self.config, seq) * rows * seq
@@ -130,6 +128,16 @@ class EMOLitModule(L.LightningModule):
         self.log("train/ppl", self.train_ppl, on_step=True, prog_bar=True)
         self.log("loss", ce.detach(), prog_bar=True, logger=False)
         return loss
+
+    def _start_optimizer_step(self, step: int) -> None:
+        """First micro-batch of an optimizer step: reset the step's expert counts and reseed the pool sizes.
+
+        Pool sizes are drawn from (router.seed, rank, step), so they differ between data-parallel ranks and a
+        resumed run draws exactly what the uninterrupted run drew, whatever generator state was saved.
+        """
+        self.balance.reset()
+        self.model.reseed_routers(derive_seed(self.config.router.seed, self.global_rank, step))
+        self._step_started = step
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(batch)  # local balance statistics only: no collectives in validation
