@@ -12,7 +12,7 @@ from emo_lightning.model.moe import (
     combine,
     dispatch,
 )
-from emo_lightning.model.router import Router, RouterOutput, pool_mask, segment_ids
+from emo_lightning.model.router import Router, RouterOutput, pool_bias, pool_mask, segment_ids
 from emo_lightning.model.transformer import Block, EMOTransformer, LayerRouting, ModelOutput
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "flops_per_token",
     "load_balance",
     "param_counts",
+    "pool_bias",
     "pool_mask",
     "segment_ids",
     "segment_positions",

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from emo_lightning.model.config import RouterConfig, derive_seed
-from emo_lightning.model.losses import z_loss
 
 _POOL_STREAM = 0x5EED  # seed-derivation tag for pool-size generators
 
@@ -50,20 +49,28 @@ def segment_ids(doc_ids: Tensor) -> Tensor:
     return (row + doc_ids).reshape(-1)
 
 
-def pool_mask(probs: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int) -> Tensor:
-    """Token-level pool membership.
+def pool_bias(probs: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int) -> Tensor:
+    """Additive pool mask: 0 where expert e is in the pool of token t's segment, -inf outside.
 
     probs: (N,E') unmasked softmax (no grad needed); seg: (N,) flat segment ids in [0,N); pool_sizes: (N,)
     long pool size per segment id; max_pool: host-side upper bound of pool_sizes (clipped to E').
-    Returns (N,E') bool: expert e is in the pool of token t's segment.
+    Returns (N,E') in probs' dtype. (Added to the logits: its backward is free, unlike masked_fill's.)
     """
     n, e = probs.shape
     max_pool = min(max_pool, e)
     pref = torch.zeros(n, e, dtype=probs.dtype, device=probs.device).index_add_(0, seg, probs)  # (N,E')
-    top = pref.topk(max_pool, dim=-1, sorted=True).indices  # (N,Pmax) best first
+    # full ranking: argsort is faster than topk on CPU for these short rows, and exact under ties
+    top = pref.argsort(dim=-1, descending=True)[:, :max_pool]  # (N,Pmax) best first
     keep = torch.arange(max_pool, device=probs.device) < pool_sizes.unsqueeze(1)  # (N,Pmax)
-    seg_pool = torch.zeros(n, e, dtype=torch.bool, device=probs.device).scatter_(1, top, keep)  # (N,E')
-    return seg_pool.index_select(0, seg)  # (N,E')
+    neg_inf = torch.full((), float("-inf"), dtype=probs.dtype, device=probs.device)
+    src = torch.where(keep, torch.zeros((), dtype=probs.dtype, device=probs.device), neg_inf)  # (N,Pmax)
+    seg_bias = torch.full((n, e), float("-inf"), dtype=probs.dtype, device=probs.device).scatter_(1, top, src)
+    return seg_bias.index_select(0, seg)  # (N,E')
+
+
+def pool_mask(probs: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int) -> Tensor:
+    """Token-level pool membership (N,E') bool; same arguments as ``pool_bias``."""
+    return pool_bias(probs, seg, pool_sizes, max_pool) == 0
 
 
 class Router(nn.Module):
@@ -122,13 +129,15 @@ class Router(nn.Module):
         seg = segment_ids(doc_ids)  # (N,)
         sizes, pmax = self._pool_sizes(n, h.device)
         if sizes is not None:
-            in_pool = pool_mask(z.detach().softmax(-1), seg, sizes, pmax)  # (N,E') bool
-            z = z.masked_fill(~in_pool, float("-inf"))
+            z = z + pool_bias(z.detach().softmax(-1), seg, sizes, pmax)  # (N,E') -inf outside the pool
         s_ = z.softmax(-1)  # (N,E')
         w, idx = s_.topk(self.k, dim=-1)  # (N,k')
+        # logsumexp(z_m) = z_e - log s_e for any in-pool e; the top-1 expert is well conditioned (s >= 1/E').
+        # Same value and gradient (= s) as torch.logsumexp, without exp() of -inf (slow on CPU).
+        lse = logits.gather(1, idx[:, :1]).squeeze(1) - w[:, 0].log()  # (N,)
         flat = idx.reshape(-1)
         counts = torch.zeros(e, dtype=torch.long, device=h.device).index_add_(0, flat, torch.ones_like(flat))
         present = torch.zeros(n, dtype=torch.bool, device=h.device).index_fill_(0, seg, True)  # (N,)
         eff = torch.full((n,), e, dtype=torch.long, device=h.device) if sizes is None else sizes.clamp(max=e)
         pool_sizes = torch.where(present, eff, torch.full_like(eff, -1)).view(b, s)
-        return RouterOutput(idx, w, s_, z_loss(z), counts, pool_sizes, logits)
+        return RouterOutput(idx, w, s_, lse.square().mean(), counts, pool_sizes, logits)

@@ -62,6 +62,7 @@ def loop_reference(router: Router, h: torch.Tensor, doc_ids: torch.Tensor, pool_
     """The paper's code path: Python loop over rows and documents, fp64, pool chosen without gradient.
 
     Returns scores (B,S,E') fp64 (grad to the returned weight copy), experts (B,S,k'), weights (B,S,k'),
+    the z-loss (mean logsumexp(z_m)^2),
     pools {(b, g): set of experts}, the smallest ranking gap (pool and top-k' boundaries) and the weight.
     """
     w_ref = router.weight.detach().double().clone().requires_grad_()
@@ -70,7 +71,7 @@ def loop_reference(router: Router, h: torch.Tensor, doc_ids: torch.Tensor, pool_
     scores = torch.zeros(b_, s_, er, dtype=torch.float64)
     experts = torch.zeros(b_, s_, kr, dtype=torch.long)
     weights = torch.zeros(b_, s_, kr, dtype=torch.float64)
-    pools, gap = {}, float("inf")
+    pools, gap, zsq = {}, float("inf"), torch.zeros((), dtype=torch.float64)
     for b in range(b_):
         for g in doc_ids[b].unique().tolist():
             tok = (doc_ids[b] == g).nonzero().squeeze(1)
@@ -84,14 +85,16 @@ def loop_reference(router: Router, h: torch.Tensor, doc_ids: torch.Tensor, pool_
                 pool = a.topk(p).indices
             mask = torch.zeros(er, dtype=torch.bool)
             mask[pool] = True
-            s = z.masked_fill(~mask, float("-inf")).softmax(-1)
+            zm = z.masked_fill(~mask, float("-inf"))
+            s = zm.softmax(-1)
+            zsq = zsq + torch.logsumexp(zm, -1).square().sum()
             w, idx = s.topk(kr, dim=-1)
             if kr < er:
                 ss = s.detach().sort(-1, descending=True).values
                 gap = min(gap, float((ss[:, kr - 1] - ss[:, kr]).min()))
             scores[b, tok], experts[b, tok], weights[b, tok] = s, idx, w
             pools[(b, g)] = set(pool.tolist())
-    return scores, experts, weights, pools, gap, w_ref
+    return scores, experts, weights, zsq / (b_ * s_), pools, gap, w_ref
 
 
 @SETTINGS
@@ -109,20 +112,21 @@ def test_vectorised_router_matches_per_document_loop(shape, b, s, max_docs, seed
     h = torch.randn(b, s, 16, generator=gen)
     r = make_router(shape, seed=seed, weight_seed=seed, pool_eval=shape[2] - shape[1] + 1).train(train)
     out = r(h, doc_ids)
-    ref_s, ref_e, ref_w, pools, gap, w_ref = loop_reference(r, h, doc_ids, out.pool_sizes)
+    ref_s, ref_e, ref_w, ref_z, pools, gap, w_ref = loop_reference(r, h, doc_ids, out.pool_sizes)
     assume(gap > 1e-4)  # a near-tie may legitimately rank differently in fp32 vs fp64
     er, kr = r.num_routed, r.k
     torch.testing.assert_close(out.scores.view(b, s, er).double(), ref_s.detach(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.weights.view(b, s, kr).double(), ref_w.detach(), atol=1e-5, rtol=1e-4)
     assert torch.equal(out.experts.view(b, s, kr), ref_e)
+    torch.testing.assert_close(out.z_loss.double(), ref_z.detach(), atol=1e-5, rtol=1e-4)
     for (bb, g), pool in pools.items():  # the pool is the top-P of the summed unmasked softmax
         support = (out.scores.view(b, s, er)[bb][doc_ids[bb] == g] > 0).any(0)
         assert set(support.nonzero().squeeze(1).tolist()) == pool
     # gradients: same loss on both sides, no gradient through the pool choice in either
     cot_s, cot_w = torch.randn(b, s, er, generator=gen), torch.randn(b, s, kr, generator=gen)
-    loss = (out.scores.view(b, s, er) * cot_s).sum() + (out.weights.view(b, s, kr) * cot_w).sum()
+    loss = (out.scores.view(b, s, er) * cot_s).sum() + (out.weights.view(b, s, kr) * cot_w).sum() + out.z_loss
     (g_vec,) = torch.autograd.grad(loss, r.weight)
-    ref_loss = (ref_s * cot_s.double()).sum() + (ref_w * cot_w.double()).sum()
+    ref_loss = (ref_s * cot_s.double()).sum() + (ref_w * cot_w.double()).sum() + ref_z
     (g_ref,) = torch.autograd.grad(ref_loss, w_ref)
     torch.testing.assert_close(g_vec.double(), g_ref, atol=1e-4, rtol=1e-3)
 
