@@ -114,7 +114,6 @@ class EMOLitModule(L.LightningModule):
         n_targets = (labels != IGNORE_INDEX).sum()
         ce = self._token_ce(out.logits, labels).sum() / n_targets.clamp_min(1)
         loss = ce + out.aux_loss
-        self.train_ppl.update(ce.detach(), n_targets)
         self.log_dict(
             {
                 "train/loss": loss.detach(),
@@ -125,7 +124,8 @@ class EMOLitModule(L.LightningModule):
             on_step=True,
             prog_bar=False,
         )
-        self.log("train/ppl", self.train_ppl, on_step=True, prog_bar=True)
+        self.train_ppl(ce.detach(), n_targets)  # forward: this micro-batch's value, for on_step logging
+        self.log("train/ppl", self.train_ppl, on_step=True, on_epoch=False, prog_bar=True)
         self.log("loss", ce.detach(), prog_bar=True, logger=False)
         return loss
 
