@@ -1,6 +1,13 @@
 """EMO model core: pure PyTorch (no Lightning, no I/O)."""
 
-from emo_lightning.model.attention import Attention, AttentionMask, RMSNorm, Rotary, segment_positions
+from emo_lightning.model.attention import (
+    Attention,
+    AttentionMask,
+    RMSNorm,
+    Rotary,
+    segment_index,
+    segment_positions,
+)
 from emo_lightning.model.budget import ParamBudget, flops_per_token, param_counts
 from emo_lightning.model.config import ArchConfig, ModelConfig, RouterConfig, derive_seed
 from emo_lightning.model.losses import GlobalLoadBalance, load_balance, z_loss
@@ -44,6 +51,7 @@ __all__ = [
     "pool_bias",
     "pool_mask",
     "segment_ids",
+    "segment_index",
     "segment_positions",
     "z_loss",
 ]

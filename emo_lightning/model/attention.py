@@ -36,13 +36,29 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, enable_gqa
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
+def _segment_starts(doc_ids: Tensor) -> Tensor:
+    """(B,S) bool: True where a new segment starts (first token of a row, or doc_ids changes)."""
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return start
+
+
+def segment_index(doc_ids: Tensor) -> Tensor:
+    """Index of every token's contiguous segment within its row: 0,0,1,1,1,2,... (B,S) -> (B,S) long.
+
+    Equals the packer's ``doc_ids``; derived from boundaries only, so any labelling (global ids, -1 padding)
+    yields the same segments for the router and the attention mask.
+    """
+    return _segment_starts(doc_ids).cumsum(dim=1) - 1
+
+
 def segment_positions(doc_ids: Tensor) -> Tensor:
     """Position of every token within its document segment. doc_ids: (B, S) -> (B, S) long."""
     b, s = doc_ids.shape
     idx = torch.arange(s, device=doc_ids.device).expand(b, s)  # (B,S)
-    start = torch.ones_like(doc_ids, dtype=torch.bool)
-    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    seg_start = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B,S)
+    seg_start = (
+        torch.where(_segment_starts(doc_ids), idx, torch.zeros_like(idx)).cummax(dim=1).values
+    )  # (B,S)
     return idx - seg_start
 
 
@@ -75,16 +91,17 @@ class AttentionMask:
                 return AttentionMask(pos, backend, block_mask=bm)
             return AttentionMask(pos, backend, causal_only=True)
         pos = segment_positions(doc_ids)
+        seg = segment_index(doc_ids)  # (B,S)
         if backend == "flex":
             from torch.nn.attention.flex_attention import create_block_mask
 
             def doc_causal(b_, h_, q_idx, kv_idx):
-                return (q_idx >= kv_idx) & (doc_ids[b_, q_idx] == doc_ids[b_, kv_idx])
+                return (q_idx >= kv_idx) & (seg[b_, q_idx] == seg[b_, kv_idx])
 
             bm = create_block_mask(doc_causal, b, None, s, s, device=doc_ids.device)
             return AttentionMask(pos, backend, block_mask=bm)
         causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()  # (S,S)
-        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B,S,S)
+        same_doc = seg[:, :, None] == seg[:, None, :]  # (B,S,S)
         return AttentionMask(pos, backend, dense=(same_doc & causal).unsqueeze(1))
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from emo_lightning.model.attention import segment_index
 from emo_lightning.model.config import RouterConfig, derive_seed
 
 _POOL_STREAM = 0x5EED  # seed-derivation tag for pool-size generators
@@ -43,10 +44,10 @@ class RouterOutput:
 
 
 def segment_ids(doc_ids: Tensor) -> Tensor:
-    """Flat segment id b*S + doc_id. doc_ids: (B,S) with 0 <= doc_id < S -> (N,) long."""
+    """Flat segment id b*S + g, g = index of the token's contiguous segment in row b. (B,S) -> (N,) long."""
     b, s = doc_ids.shape
     row = torch.arange(b, device=doc_ids.device).unsqueeze(1) * s  # (B,1)
-    return (row + doc_ids).reshape(-1)
+    return (row + segment_index(doc_ids)).reshape(-1)
 
 
 def pool_bias(probs: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int) -> Tensor:
@@ -124,7 +125,8 @@ class Router(nn.Module):
         """h: (B,S,d) normalised hidden; doc_ids: (B,S) segment ids."""
         b, s, d = h.shape
         n, e = b * s, self.num_routed
-        logits = F.linear(h.reshape(n, d).float(), self.weight.float())  # (N,E') fp32, unmasked
+        with torch.autocast(device_type=h.device.type, enabled=False):  # router logits stay fp32 under AMP
+            logits = F.linear(h.reshape(n, d).float(), self.weight.float())  # (N,E') fp32, unmasked
         z = logits
         seg = segment_ids(doc_ids)  # (N,)
         sizes, pmax = self._pool_sizes(n, h.device)

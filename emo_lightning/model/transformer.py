@@ -19,8 +19,9 @@ class LayerRouting:
     """Routing statistics of one MoE layer for one forward.
 
     Expert ids: routable 0..E'-1, shared E'..E-1. ``pool_sizes`` is (B, G) with G = S (an upper bound on the
-    number of segments per row, no host sync): column g is segment ``doc_id == g``; -1 for absent segments;
-    the standard router (and unrestricted documents) report E'.
+    number of segments per row, no host sync): column g is the row's g-th contiguous segment (``doc_id ==
+    g`` with the packer's ids); -1 for absent segments; the standard router (and unrestricted documents)
+    report E'.
     """
 
     counts: Tensor  # (E',) long, local token-slot assignments of this forward (no grad)

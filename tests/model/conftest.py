@@ -1,5 +1,6 @@
 """Model tests use one intra-op thread: their tensors are tiny, and on a shared 2-core machine two OpenMP
-threads contending with other jobs made some tests ~100x slower. The previous setting is restored afterwards."""
+threads contending with other jobs made some tests ~100x slower. The previous setting is restored
+afterwards."""
 
 from __future__ import annotations
 

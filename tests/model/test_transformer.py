@@ -114,6 +114,34 @@ def test_document_masked_attention_has_no_cross_document_leakage() -> None:
     assert not torch.allclose(a[0, ~keep], b[0, ~keep])
 
 
+def test_segments_come_from_boundaries_not_labels() -> None:
+    """Any labelling with the same boundaries (global ids, -1 padding) routes and attends identically."""
+    torch.manual_seed(4)
+    model = EMOTransformer(tiny()).eval()
+    ids = torch.randint(0, 64, (2, 24))
+    canonical = torch.stack([docs([10, 10, 4]), docs([20, 4])])
+    relabelled = torch.stack(
+        [docs([10, 10, 4]) * 1000 + 7, torch.cat([torch.full((20,), 5), torch.full((4,), -1)])]
+    )
+    with torch.no_grad():
+        a, b = model(ids, canonical, return_routes=True), model(ids, relabelled, return_routes=True)
+    assert torch.equal(a.logits, b.logits)
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        assert torch.equal(la.experts, lb.experts) and torch.equal(la.pool_sizes, lb.pool_sizes)
+
+
+def test_bf16_autocast_keeps_router_in_fp32() -> None:
+    torch.manual_seed(5)
+    model = EMOTransformer(tiny())
+    ids, doc = torch.randint(0, 64, (2, 16)), docs([6, 10]).expand(2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, doc, return_routes=True)
+    assert out.logits.dtype == torch.bfloat16
+    assert out.layers[0].weights.dtype == torch.float32 and out.layers[0].probs.dtype == torch.float32
+    (out.logits.float().square().mean() + out.aux_loss).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_matches_sdpa_forward() -> None:
     """FlexAttention (the CUDA path) and SDPA with a dense mask agree (CPU flex has no backward)."""
