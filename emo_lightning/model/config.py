@@ -105,7 +105,7 @@ class RouterConfig:
     pool_min: int = 3  # training pool size P ~ UniformInt[pool_min, pool_max] per document, layer, forward
     pool_max: int = 15
     pool_eval: int = 4  # fixed pool size in eval mode
-    unpooled_fraction: float = 0.0  # probability that a training document gets no pool restriction
+    unpooled_fraction: float = 0.0  # probability that a training document gets no pool (training only)
     lb_weight: float = 0.1  # total load-balance weight (each layer gets lb_weight / n_layers)
     z_weight: float = 0.001  # total router z-loss weight (each layer gets z_weight / n_layers)
     seed: int = 0  # seeds pool-size generators and expert initialisation

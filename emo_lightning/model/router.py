@@ -10,8 +10,8 @@ so the number of documents never needs to be known on the host):
     q    = softmax(z).detach()                  (N,E')  unmasked, no gradient through the pool choice
     pref = zeros(N,E').index_add_(0, seg, q)    (N,E')  summed preference per segment
     P    ~ UniformInt[pool_min, pool_max]       (N,)    per segment, seeded generator; pool_eval in eval mode
-    pool = top-P rows of pref -> (N,E') bool, gathered back to tokens by seg
-    s    = softmax(z.masked_fill(~pool, -inf))  (N,E')  0 outside the pool, sums to 1 inside
+    bias = 0 on the top-P of each pref row, -inf elsewhere, gathered back to tokens by seg   (N,E')
+    s    = softmax(z + bias)                    (N,E')  0 outside the pool, sums to 1 inside
     w, idx = topk(s, k')                        (N,k')  not renormalised
 """
 
@@ -119,6 +119,8 @@ class Router(nn.Module):
             free = torch.rand(n, generator=self.generator) < self.unpooled_fraction
             p = p.masked_fill(free, e)
             pmax = e
+        if device.type == "cuda":
+            p = p.pin_memory()  # a truly asynchronous host-to-device copy: no stream synchronisation
         return p.to(device, non_blocking=True), pmax
 
     def forward(self, h: Tensor, doc_ids: Tensor) -> RouterOutput:
