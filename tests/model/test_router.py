@@ -240,6 +240,9 @@ def test_eval_pool_and_unpooled_documents() -> None:
     assert ((r(h, doc_ids).scores > 0).sum(-1) == 6).all()
     r.eval_pool = None
     assert (r(h, doc_ids).scores > 0).all()
+    r.eval_pool = 40  # P > E' = 15: the pool is min(P, E'), i.e. unrestricted
+    out = r(h, doc_ids)
+    assert (out.scores > 0).all() and ((out.pool_sizes == 15) | (out.pool_sizes == -1)).all()
     free = make_router((16, 1, 3), pool=(2, 4), unpooled=1.0).train()
     p = free(h, doc_ids).pool_sizes
     assert ((p == 15) | (p == -1)).all()
