@@ -19,6 +19,7 @@ from emo_lightning.model import (
     ArchConfig,
     EMOTransformer,
     GlobalLoadBalance,
+    LayerRouting,
     ModelConfig,
     ModelOutput,
     RouterConfig,
@@ -52,13 +53,18 @@ class EMOLitModule(L.LightningModule):
         self.save_hyperparameters()
         self.config = ModelConfig(arch=arch or ArchConfig(), router=router or RouterConfig())
         self.optim_config = optim or OptimConfig()
-        self.model: EMOTransformer | None = None  # built in configure_model (directly on the device / sharded)
+        self.model: EMOTransformer | None = (
+            None  # built in configure_model (directly on the device / sharded)
+        )
         self.balance = GlobalLoadBalance.for_model(self.config)
         self._step_started = -1
         self.train_ppl = TokenPerplexity()
         self.val_ppl = TokenPerplexity()
         self.domains: list[str] = []
         self.val_domain_loss: DomainLoss | None = None
+        # Set by monitoring callbacks (ExpertUsageMonitor): training steps then keep their per-token routes.
+        self.collect_routes = False
+        self.last_routing: list[LayerRouting] | None = None  # routing of the last training micro-batch
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -94,8 +100,19 @@ class EMOLitModule(L.LightningModule):
         return getattr(self, "_flops_per_batch", None)
 
     # ------------------------------------------------------------------ steps
-    def forward(self, batch: dict[str, torch.Tensor], balance: GlobalLoadBalance | None = None) -> ModelOutput:
-        return self.model(batch["input_ids"], batch["doc_ids"], balance=balance)
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        balance: GlobalLoadBalance | None = None,
+        return_routes: bool = False,
+    ) -> ModelOutput:
+        return self.model(
+            batch["input_ids"],
+            batch["doc_ids"],
+            balance=balance,
+            return_routes=return_routes,
+            route_probs=False,
+        )
 
     def _token_ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy ``(B*S,)`` in fp32; 0 where the label is ignored."""
@@ -108,8 +125,9 @@ class EMOLitModule(L.LightningModule):
             self._start_optimizer_step(self.trainer.global_step)
         if self.flops_per_batch is None:
             rows, seq = batch["input_ids"].shape
-            self._flops_per_batch = 3 * flops_per_token(self.config, seq) * rows * seq
-        out = self(batch, balance=self.balance)
+            self._flops_per_batch = flops_per_token(self.config, seq) * rows * seq  # training FLOPs
+        out = self(batch, balance=self.balance, return_routes=self.collect_routes)
+        self.last_routing = out.layers if self.collect_routes else None
         labels = batch["labels"]
         n_targets = (labels != IGNORE_INDEX).sum()
         ce = self._token_ce(out.logits, labels).sum() / n_targets.clamp_min(1)
@@ -169,7 +187,9 @@ class EMOLitModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         if total is None and self.optim_config.decay_steps is None:
-            raise ValueError("set trainer.max_steps or model.optim.decay_steps: the cosine schedule needs a length")
+            raise ValueError(
+                "set trainer.max_steps or model.optim.decay_steps: the cosine schedule needs a length"
+            )
         optimizer, scheduler = build_optimizer(self.model, self.optim_config, total or 0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -5,13 +5,25 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EMO_SHARED", ROOT.parent / "shared"))
 TOKENIZER = ROOT / "data" / "tokenizer.json"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread per test: the tensors are tiny, and on a shared 2-core machine two OpenMP threads
+    contending with other processes made some tests ~100x slower. The previous setting is restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import lightning as L
@@ -18,7 +19,9 @@ from emo_lightning.optim import OptimConfig, parameter_groups, warmup_cosine
 def tiny_module(kind: str = "emo") -> EMOLitModule:
     return EMOLitModule(
         arch=ArchConfig(vocab_size=4096, d_model=32, n_layers=2, n_heads=2, expert_hidden=32, max_seq_len=64),
-        router=RouterConfig(kind=kind, num_experts=8, num_shared=1, top_k=3, pool_min=2, pool_max=7, pool_eval=3),
+        router=RouterConfig(
+            kind=kind, num_experts=8, num_shared=1, top_k=3, pool_min=2, pool_max=7, pool_eval=3
+        ),
         optim=OptimConfig(lr=3e-3, warmup_steps=2),
     )
 
@@ -86,7 +89,7 @@ def test_parameter_groups_exclude_embeddings_and_norms() -> None:
 def test_schedule_warms_up_then_decays_to_floor() -> None:
     values = [warmup_cosine(s, warmup_steps=10, decay_steps=100, min_lr_ratio=0.1) for s in range(120)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values[10:]))
     assert values[100] == pytest.approx(0.1) and values[119] == pytest.approx(0.1)
 
 
