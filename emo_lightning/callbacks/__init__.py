@@ -1,5 +1,6 @@
-"""Lightning callbacks: throughput (and, later, expert usage and balance)."""
+"""Lightning callbacks: throughput, expert usage, balance and routing-collapse warnings."""
 
+from emo_lightning.callbacks.expert_usage import ExpertUsageMonitor, RoutingCollapseWarning
 from emo_lightning.callbacks.throughput import TokenThroughputMonitor
 
-__all__ = ["TokenThroughputMonitor"]
+__all__ = ["ExpertUsageMonitor", "RoutingCollapseWarning", "TokenThroughputMonitor"]

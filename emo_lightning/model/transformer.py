@@ -11,7 +11,7 @@ from emo_lightning.model.attention import Attention, AttentionMask, RMSNorm
 from emo_lightning.model.config import ModelConfig
 from emo_lightning.model.losses import GlobalLoadBalance, load_balance, z_loss
 from emo_lightning.model.moe import ExpertImpl, MoELayer
-from emo_lightning.model.router import RouterOutput
+from emo_lightning.model.router import RouterOutput, segment_ids
 
 
 @dataclass
@@ -31,8 +31,9 @@ class LayerRouting:
     experts: Tensor | None = None  # (B,S,k) long, routed (by descending weight) then shared, if return_routes
     weights: Tensor | None = None  # (B,S,k) fp32, shared experts 1.0, if return_routes (detached)
     probs: Tensor | None = (
-        None  # (B,S,E') unmasked softmax over routable experts, if return_routes (detached)
+        None  # (B,S,E') unmasked softmax over routable experts, if return_routes and route_probs (detached)
     )
+    pool_mask: Tensor | None = None  # (B,G,E') bool pool of segment g (all False: absent), if return_routes
 
 
 @dataclass
@@ -107,8 +108,12 @@ class EMOTransformer(nn.Module):
         *,
         balance: GlobalLoadBalance | None = None,
         return_routes: bool = False,
+        route_probs: bool = True,
     ) -> ModelOutput:
-        """input_ids, doc_ids: (B,S) long (doc_ids None = one document per row)."""
+        """input_ids, doc_ids: (B,S) long (doc_ids None = one document per row).
+
+        ``route_probs=False`` skips the (B,S,E') ``probs`` softmax of ``return_routes`` (e.g. for monitoring).
+        """
         rc, n_layers = self.cfg.router, self.cfg.arch.n_layers
         if doc_ids is None:
             doc_ids = torch.zeros_like(input_ids)
@@ -134,12 +139,17 @@ class EMOTransformer(nn.Module):
         w_lm = self.cfg.arch.lm_head_z_weight
         lm_z = w_lm * z_loss(logits) if w_lm > 0 else logits.new_zeros((), dtype=torch.float32)
 
+        seg = segment_ids(doc_ids) if return_routes else None
         layers = []
         for i, r in enumerate(routes):
             lr = LayerRouting(r.counts, lb[i].detach(), z[i].detach(), r.pool_sizes)
             if return_routes:
                 lr.experts, lr.weights = self._full_routes(r, b, s)
-                lr.probs = r.logits.detach().softmax(-1).view(b, s, -1)
+                if route_probs:
+                    lr.probs = r.logits.detach().softmax(-1).view(b, s, -1)
+                # the masked softmax is exactly 0 outside a token's pool: OR it over each segment's tokens
+                pool = torch.zeros_like(r.scores).index_add_(0, seg, r.scores.detach())  # (N,E')
+                lr.pool_mask = (pool > 0).view(b, s, -1)
             layers.append(lr)
         return ModelOutput(logits, lb_loss, z_total, lb_loss + z_total + lm_z, layers, lm_z)
 
