@@ -78,9 +78,13 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over :func:`parameter_groups` with the warm-up + cosine schedule stepped every optimizer step."""
     decay_steps = config.decay_steps if config.decay_steps is not None else total_steps
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps
-    )
+    groups = parameter_groups(model, config.weight_decay)
+    if any(getattr(p, "allreduce", True) is False for g in groups for p in g["params"]):
+        # Expert-parallel parameters (DeepSpeed's markers): ZeRO needs them in its separate MoE groups.
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: warmup_cosine(step, config.warmup_steps, decay_steps, config.min_lr_ratio),
