@@ -28,6 +28,7 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from torchmetrics import Metric
 
 from emo_lightning.parallel.expert_parallel import (
     Exchange,
@@ -134,4 +135,25 @@ class EMODeepSpeedStrategy(DeepSpeedStrategy):
         if hasattr(module, "balance"):
             # Counts over the data-parallel group: all ranks together see every token of the global batch.
             module.balance.group = groups._get_data_parallel_group()
-        super().setup(trainer)
+        dtypes = _metric_state_dtypes(module)
+        super().setup(trainer)  # DeepSpeedPrecision casts the whole module for "*-true" precisions...
+        _restore_metric_state_dtypes(module, dtypes)  # ...including float64 metric states: undo that
+
+
+def _metric_state_dtypes(module: torch.nn.Module) -> dict[tuple[str, str], torch.dtype]:
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, Metric):
+            for key, value in m._defaults.items():
+                if isinstance(value, torch.Tensor):
+                    out[(name, key)] = value.dtype
+    return out
+
+
+def _restore_metric_state_dtypes(module: torch.nn.Module, dtypes: dict[tuple[str, str], torch.dtype]) -> None:
+    mods = dict(module.named_modules())
+    for (name, key), dtype in dtypes.items():
+        m = mods[name]
+        if m._defaults[key].dtype != dtype:
+            m._defaults[key] = m._defaults[key].to(dtype)
+            setattr(m, key, getattr(m, key).to(dtype))
