@@ -14,7 +14,7 @@ CORPUS := data/corpus
 SHARED_CORPUS ?= ../shared/corpus
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: install data data-shared train train-baseline test lint format tensorboard bench clean help
+.PHONY: install data data-shared train train-baseline test lint format tensorboard bench clean help smoke-distributed
 
 help:
 	@echo "make install         create $(VENV) (torch pinned to $(TORCH_VERSION)) and install emo-lightning"
@@ -47,8 +47,14 @@ data-shared: | install
 	$(BIN)/emo-data build-shards --input $(SHARED_CORPUS)/val/*.jsonl.gz --tokenizer $(TOKENIZER) \
 		--out $(SHARDS)/shared_val --workers 2
 
+# Multi-node: `make train NODES=2 GPUS=8 CONFIG=conf/experiment/emo_1b14b.yaml`, run on every node under
+# torchrun or srun (scripts/launch/); Lightning's environment detection supplies ranks and the rendezvous.
+NODES ?= 1
+GPUS ?=
+SCALE_ARGS := $(if $(GPUS),--trainer.num_nodes $(NODES) --trainer.devices $(GPUS),)
+
 train: install data
-	$(BIN)/emo fit --config $(CONFIG) $(ARGS)
+	$(BIN)/emo fit --config $(CONFIG) $(SCALE_ARGS) $(ARGS)
 
 train-baseline: install data
 	$(BIN)/emo fit --config $(BASELINE_CONFIG) $(ARGS)
@@ -72,3 +78,19 @@ bench: install data
 
 clean:
 	rm -rf $(SHARDS) runs .pytest_cache
+
+# Install check of the distributed path: 2 CPU processes (gloo), DeepSpeed ZeRO-2, ep_size=2, 5 steps; resume for
+# 2 more; consolidate the checkpoint and verify it (non-zero exit on any failure).
+SMOKE := runs/smoke_distributed
+SMOKE_ARGS := --config conf/experiment/emo_tiny.yaml --trainer conf/trainer/deepspeed_cpu.yaml \
+	--experiment smoke_distributed --runs_dir runs --checkpoint.every_n_train_steps 5 \
+	--trainer.val_check_interval 5 --trainer.limit_val_batches 2 --trainer.log_every_n_steps 1 \
+	--trainer.enable_progress_bar false
+
+smoke-distributed: install data
+	rm -rf $(SMOKE)
+	$(BIN)/emo fit $(SMOKE_ARGS) --trainer.max_steps 5
+	$(BIN)/emo fit $(SMOKE_ARGS) --trainer.max_steps 7 --ckpt_path last
+	$(BIN)/python -m emo_lightning.parallel.checkpoint $(SMOKE)/checkpoints/last.ckpt $(SMOKE)/consolidated.ckpt \
+		--expect-step 7
+	@echo "smoke-distributed: OK"

@@ -215,7 +215,9 @@ class ExpertParallelMoE(MoE):
         """x_sorted (M,d) grouped by global routable id, counts (E',) -> expert outputs (M,d), same order."""
         group, ep, n_loc = self.deepspeed_moe.ep_group, self.ep_size, self.num_local_experts
         if group is None:
-            raise RuntimeError("ExpertParallelMoE has no expert-parallel group: build the DeepSpeed engine first")
+            raise RuntimeError(
+                "ExpertParallelMoE has no expert-parallel group: build the DeepSpeed engine first"
+            )
         send = F.pad(counts, (0, self.num_experts - counts.numel())).view(ep, n_loc)  # (ep, E_local)
         recv = torch.empty_like(send)
         ds_dist.all_to_all_single(recv, send.contiguous(), group=group)  # recv[src, j]: rows for local j
@@ -235,9 +237,7 @@ class ExpertParallelMoE(MoE):
         inv = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
         return _AllToAllV.apply(y_local.index_select(0, inv), send_splits, recv_splits, group)
 
-    def _padded(
-        self, x: Tensor, counts: Tensor, recv: Tensor, local_counts: Tensor, group: Any
-    ) -> Tensor:
+    def _padded(self, x: Tensor, counts: Tensor, recv: Tensor, local_counts: Tensor, group: Any) -> Tensor:
         ep, n_loc = recv.shape
         cap = torch.stack([counts.max(), recv.max()]).max().clone()  # capacity: global max count, no drops
         ds_dist.all_reduce(cap, op=ds_dist.ReduceOp.MAX, group=group)

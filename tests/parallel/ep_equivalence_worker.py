@@ -58,7 +58,9 @@ def main(out_path: str) -> None:
         arch=ArchConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=2, expert_hidden=32, max_seq_len=SEQ),
         # EMO router, 7 routable + 1 shared: ep 2 puts experts 0-3 on rank 0, 4-6 (+ the shared slot) on rank 1.
         # Pool size fixed (4) so that both runs draw the same pools.
-        router=RouterConfig(kind="emo", num_experts=8, num_shared=1, top_k=3, pool_min=4, pool_max=4, pool_eval=4),
+        router=RouterConfig(
+            kind="emo", num_experts=8, num_shared=1, top_k=3, pool_min=4, pool_max=4, pool_eval=4
+        ),
     )
     torch.manual_seed(0)
     base = EMOTransformer(cfg)
