@@ -89,6 +89,9 @@ class Router(nn.Module):
         self.pool_min, self.pool_max = cfg.pool_min, cfg.pool_max
         self.unpooled_fraction = cfg.unpooled_fraction
         self.eval_pool: int | None = cfg.pool_eval
+        # (B,S,E') bool pool chosen outside the router (e.g. from a document's first tokens, see
+        # emo_lightning.experts.causal_pool); when set it replaces the document pool, in any mode and kind.
+        self.forced_pool: Tensor | None = None
         self.layer_idx = layer_idx
         self.weight = nn.Parameter(torch.empty(self.num_routed, d_model))  # (E',d)
         self.generator = torch.Generator(device="cpu")
@@ -132,7 +135,13 @@ class Router(nn.Module):
         z = logits
         seg = segment_ids(doc_ids)  # (N,)
         sizes, pmax = self._pool_sizes(n, h.device)
-        if sizes is not None:
+        if self.forced_pool is not None:
+            forced = self.forced_pool.reshape(n, e)
+            z = z.masked_fill(~forced, float("-inf"))
+            sizes = torch.zeros(n, dtype=torch.long, device=h.device).scatter_reduce_(
+                0, seg, forced.sum(-1), "amax", include_self=False
+            )  # (N,) pool size per flat segment id
+        elif sizes is not None:
             z = z + pool_bias(z.detach().softmax(-1), seg, sizes, pmax)  # (N,E') -inf outside the pool
         s_ = z.softmax(-1)  # (N,E')
         w, idx = s_.topk(self.k, dim=-1)  # (N,k')

@@ -1,0 +1,97 @@
+"""Load an :class:`EMOTransformer` from a Lightning checkpoint (trained or pruned) and write pruned ones.
+
+A checkpoint is the dict Lightning saves: ``hyper_parameters`` = ``{arch, router, optim}`` (dataclasses),
+``state_dict`` with keys prefixed ``model.``. Pruned checkpoints have the same layout (so ``emo validate
+--ckpt_path`` and ``EMOLitModule.load_from_checkpoint`` load them) plus an ``emo_pruned`` entry describing
+the kept experts. No Lightning import: the configs are plain dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterConfig
+from emo_lightning.optim import OptimConfig
+
+PREFIX = "model."
+
+# The typed configs are the only non-tensor objects of our checkpoints (allowed under weights_only loading).
+torch.serialization.add_safe_globals([ArchConfig, RouterConfig, OptimConfig])
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with where it came from."""
+
+    model: EMOTransformer
+    path: str
+    hparams: dict[str, Any]  # {arch, router, optim}
+    meta: dict[str, Any] = field(default_factory=dict)  # global_step, emo_pruned (if pruned)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw checkpoint dict (CPU tensors); a clear error for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(f"{path}: not an emo-lightning checkpoint (no state_dict / hyper_parameters)")
+    return ckpt
+
+
+def model_config(hparams: dict[str, Any]) -> ModelConfig:
+    """``ModelConfig`` from a checkpoint's hyper-parameters (dataclasses or plain dicts)."""
+    return ModelConfig(
+        arch=hparams.get("arch") or ArchConfig(), router=hparams.get("router") or RouterConfig()
+    )
+
+
+def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor | Any]:
+    """The transformer's state dict (``model.`` prefix removed, other module states dropped)."""
+    return {k[len(PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Build the checkpoint's transformer, load its weights (strict) and put it in eval mode."""
+    ckpt = read_checkpoint(path)
+    hparams = dict(ckpt["hyper_parameters"])
+    model = EMOTransformer(model_config(hparams))
+    model.load_state_dict(model_state(ckpt), strict=True)
+    model.eval()
+    meta = {"global_step": ckpt.get("global_step"), "emo_pruned": ckpt.get("emo_pruned")}
+    return LoadedModel(model, str(path), hparams, meta)
+
+
+def save_checkpoint(
+    model: EMOTransformer, hparams: dict[str, Any], path: str | Path, source: dict[str, Any], **extra: Any
+) -> int:
+    """Write a Lightning-compatible, weights-only checkpoint of ``model``; returns the file size in bytes.
+
+    ``source`` is the original checkpoint dict (its Lightning version, epoch and step are kept; optimizer
+    states are not: a pruned checkpoint is for evaluation and inference).
+    """
+    hp = {**hparams, "router": model.cfg.router, "arch": model.cfg.arch}
+    ckpt = {
+        "epoch": source.get("epoch", 0),
+        "global_step": source.get("global_step", 0),
+        "pytorch-lightning_version": source.get("pytorch-lightning_version", "2.6.6"),
+        "state_dict": {
+            PREFIX + k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+            for k, v in model.state_dict().items()
+        },
+        "hyper_parameters": hp,
+        **extra,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path.stat().st_size

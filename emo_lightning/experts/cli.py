@@ -1,0 +1,277 @@
+"""``emo-experts``: routes, expert selection, pruning, evaluation and the modularity report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from emo_lightning.experts.checkpoint import LoadedModel, load_model, read_checkpoint, save_checkpoint
+from emo_lightning.experts.documents import (
+    DEFAULT_TOKENIZER,
+    DocumentTokenizer,
+    by_domain,
+    load_documents,
+    pack_documents,
+)
+from emo_lightning.experts.evaluate import document_losses, domain_table, format_table
+from emo_lightning.experts.prune import expert_parameter_counts, prune_model
+from emo_lightning.experts.routes import iter_routes, write_routes
+from emo_lightning.experts.routing import FULL, parse_routing
+from emo_lightning.experts.selection import Subset, layerwise_subset, parse_keep, random_subset
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tokenizer", default=DEFAULT_TOKENIZER, help="the run's tokenizer.json (default: %(default)s)"
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per row (default: the model's max_seq_len)"
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _routing_arg(p: argparse.ArgumentParser, choices: str = "full | pool:P | causal:P:N") -> None:
+    p.add_argument(
+        "--routing",
+        type=parse_routing,
+        default=FULL,
+        help=f"{choices} (default: full). pool:P = EMO document pools of P routable experts; causal:P:N = "
+        "each document's pool of P experts chosen from its first N tokens only",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emo-experts",
+        description="Pick a few experts for a domain, cut the model down to them, and measure what is left.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("routes", help="per-document pools and per-token experts and weights (JSON Lines)")
+    p.add_argument("--ckpt", required=True, help="checkpoint (trained or pruned)")
+    p.add_argument("--data", required=True, help="JSONL file (or directory) of documents")
+    p.add_argument("--out", required=True, help="output routes.jsonl")
+    _routing_arg(p)
+    _common(p)
+
+    p = sub.add_parser("select", help="choose K experts per layer from a few calibration documents")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", required=True, help="calibration documents (JSONL file or directory)")
+    p.add_argument(
+        "--keep", required=True, help="experts per layer, shared included: a count (4) or a fraction (0.25)"
+    )
+    p.add_argument("--method", choices=["layerwise", "random"], default="layerwise")
+    p.add_argument("--seed", type=int, default=0, help="random method: seed (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output subset.json")
+    _routing_arg(p, "full | pool:P")
+    _common(p)
+
+    p = sub.add_parser("prune", help="write a standalone smaller checkpoint holding only the kept experts")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--subset", required=True, help="subset.json from `emo-experts select`")
+    p.add_argument(
+        "--out", required=True, help="output checkpoint (loadable by `emo validate` and `emo-experts eval`)"
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("eval", help="per-domain loss and perplexity (JSON and a table)")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", required=True, help="JSONL file or directory")
+    p.add_argument("--subset", default=None, help="evaluate the checkpoint cut to this subset.json")
+    p.add_argument(
+        "--max-docs", type=int, default=None, help="at most this many documents per domain (first ones)"
+    )
+    p.add_argument("--out", default=None, help="write the JSON here (default: print it after the table)")
+    _routing_arg(p)
+    _common(p)
+
+    p = sub.add_parser("report", help="the modularity report: EMO vs standard MoE under expert subsets")
+    p.add_argument("--emo", required=True, help="EMO checkpoint")
+    p.add_argument("--baseline", required=True, help="standard-MoE checkpoint")
+    p.add_argument("--data", required=True, help="directory (or file) of JSONL documents with domains")
+    p.add_argument(
+        "--keep", default="0.0625,0.125,0.25,0.5,1", help="comma-separated keep fractions or counts"
+    )
+    p.add_argument("--shots", default="1,8", help="comma-separated calibration document counts")
+    p.add_argument("--calib-docs", type=int, default=8, help="calibration documents per domain")
+    p.add_argument("--eval-docs", type=int, default=50, help="evaluation documents per domain (disjoint)")
+    p.add_argument("--random-seeds", type=int, default=3, help="random subsets per domain and keep")
+    p.add_argument("--clusters", type=int, default=32, help="k of the spherical k-means")
+    p.add_argument("--cluster-tokens", type=int, default=40_000, help="tokens sampled for clustering")
+    p.add_argument("--pool-prefix", type=int, default=64, help="causal-pool demo: prefix tokens N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (report.md, report.json, *.png)")
+    _common(p)
+    return parser
+
+
+def _load_subset(path: str, lm: LoadedModel) -> Subset:
+    subset = Subset.from_dict(json.loads(Path(path).read_text()), path)
+    rc = lm.config.router
+    if (subset.num_experts, subset.num_shared) != (rc.num_experts, rc.num_shared):
+        raise ValueError(
+            f"{path}: subset is for {subset.num_experts} experts ({subset.num_shared} shared), the checkpoint "
+            f"has {rc.num_experts} ({rc.num_shared} shared)"
+        )
+    return subset
+
+
+def _docs(args: argparse.Namespace, lm: LoadedModel):
+    tok = DocumentTokenizer(args.tokenizer)
+    if tok.vocab_size > lm.config.arch.vocab_size:
+        raise ValueError(
+            f"{args.tokenizer}: vocabulary {tok.vocab_size} exceeds the model's {lm.config.arch.vocab_size}"
+        )
+    docs = load_documents(args.data, tok)
+    if getattr(args, "max_docs", None):
+        docs = [d for group in by_domain(docs).values() for d in group[: args.max_docs]]
+    seq = min(args.seq_len or lm.config.arch.max_seq_len, lm.config.arch.max_seq_len)
+    return tok, docs, pack_documents(docs, seq, args.batch_size, tok.pad_id)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def cmd_routes(args: argparse.Namespace) -> None:
+    lm = load_model(args.ckpt)
+    tok, docs, batches = _docs(args, lm)
+    n = write_routes(
+        iter_routes(lm.model, docs, batches, args.routing, tok.pad_id, not args.no_progress), args.out
+    )
+    print(
+        f"wrote routes of {n} documents ({len(lm.model.blocks)} layers, routing {args.routing}) to {args.out}"
+    )
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    lm = load_model(args.ckpt)
+    rc = lm.config.router
+    keep = parse_keep(args.keep, rc)
+    if args.method == "random":
+        subset = random_subset(rc, len(lm.model.blocks), keep, args.seed)
+    else:
+        _, docs, batches = _docs(args, lm)
+        subset = layerwise_subset(lm.model, batches, keep, args.routing, progress=not args.no_progress)
+        subset.info["calibration"] = {"data": args.data, "documents": [d.id for d in docs]}
+    subset.info["checkpoint"] = args.ckpt
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(subset.to_dict(), indent=1))
+    print(
+        f"{args.method}: keep {keep}/{rc.num_experts} experts per layer ({subset.keep_routed} routable + "
+        f"{rc.num_shared} shared) -> {args.out}"
+    )
+    for i, layer in enumerate(subset.layers):
+        print(f"  layer {i}: {layer}")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    with tqdm(total=3, desc="prune", disable=args.no_progress) as bar:
+        lm = load_model(args.ckpt)
+        subset = _load_subset(args.subset, lm)
+        bar.update()
+        small = prune_model(lm.model, subset.layers)
+        bar.update()
+        source = read_checkpoint(args.ckpt)
+        meta = {"source": args.ckpt, "subset": subset.to_dict()}
+        size = save_checkpoint(small, lm.hparams, args.out, source, emo_pruned=meta)
+        bar.update()
+    before, after = expert_parameter_counts(lm.model), expert_parameter_counts(small)
+    src_size = Path(args.ckpt).stat().st_size
+    print(f"kept {subset.keep}/{subset.num_experts} experts per layer -> {args.out}")
+    print(
+        f"  parameters      {before['total']:>12,} -> {after['total']:>12,} ({after['total'] / before['total']:.1%})"
+    )
+    print(
+        f"  routed experts  {before['routed_experts']:>12,} -> {after['routed_experts']:>12,} "
+        f"({after['routed_experts'] / before['routed_experts']:.1%})"
+    )
+    print(f"  file            {_size(src_size):>12} -> {_size(size):>12} (source includes optimizer state)")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    lm = load_model(args.ckpt)
+    model = lm.model
+    if args.subset:
+        model = prune_model(model, _load_subset(args.subset, lm).layers)
+    tok, docs, batches = _docs(args, lm)
+    start = time.perf_counter()
+    results: dict[str, Any] = {}
+    dl = document_losses(model, docs, batches, args.routing, tok.pad_id, not args.no_progress)
+    results[str(args.routing)] = domain_table(docs, dl)
+    if args.routing.kind == "causal":  # the same targets with all experts and no pool
+        ref = document_losses(
+            model, docs, batches, FULL, tok.pad_id, not args.no_progress, score_from=args.routing.prefix - 1
+        )
+        results["full (same targets)"] = domain_table(docs, ref)
+    print(format_table(results))
+    payload = {
+        "checkpoint": args.ckpt,
+        "subset": args.subset,
+        "data": args.data,
+        "routing": str(args.routing),
+        "num_experts": model.cfg.router.num_experts,
+        "parameters": expert_parameter_counts(model)["total"],
+        "seconds": round(time.perf_counter() - start, 2),
+        "results": results,
+    }
+    text = json.dumps(payload, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from emo_lightning.experts.report import ReportConfig, run_report  # scikit-learn, matplotlib: only here
+
+    cfg = ReportConfig(
+        keep=[k.strip() for k in args.keep.split(",") if k.strip()],
+        shots=[int(s) for s in args.shots.split(",") if s.strip()],
+        n_calib=args.calib_docs,
+        n_eval=args.eval_docs,
+        random_seeds=args.random_seeds,
+        clusters=args.clusters,
+        cluster_tokens=args.cluster_tokens,
+        pool_prefix=args.pool_prefix,
+        seq_len=args.seq_len or 256,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    if max(cfg.shots) > cfg.n_calib:
+        raise ValueError(f"--shots {max(cfg.shots)} exceeds --calib-docs {cfg.n_calib}")
+    run_report(
+        args.emo, args.baseline, args.data, args.out, cfg, args.tokenizer, progress=not args.no_progress
+    )
+    print((Path(args.out) / "report.md").read_text())
+
+
+COMMANDS = {
+    "routes": cmd_routes,
+    "select": cmd_select,
+    "prune": cmd_prune,
+    "eval": cmd_eval,
+    "report": cmd_report,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"emo-experts {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

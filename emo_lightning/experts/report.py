@@ -1,0 +1,385 @@
+"""The modularity report: how much of a model survives when it keeps only a few experts chosen per domain.
+
+For each domain, keep fraction and shot count: the loss of EMO and of the standard MoE cut to the experts
+selected (layer-wise) from ``shots`` calibration documents of that domain, and cut to random subsets,
+relative to the same model with all experts; evaluated on held-out documents of the domain (calibration and
+evaluation documents are disjoint). Plus the router clustering analysis. Writes ``report.json``,
+``report.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from emo_lightning.experts.checkpoint import LoadedModel, load_model
+from emo_lightning.experts.clustering import cluster_tokens, router_features
+from emo_lightning.experts.documents import (
+    DocBatch,
+    Document,
+    DocumentTokenizer,
+    load_documents,
+    pack_documents,
+    split_documents,
+)
+from emo_lightning.experts.evaluate import document_losses
+from emo_lightning.experts.prune import expert_parameter_counts, prune_model
+from emo_lightning.experts.routing import Routing
+from emo_lightning.experts.selection import layerwise_subset, parse_keep, random_subset
+
+
+@dataclass
+class ReportConfig:
+    keep: list[str] = field(default_factory=lambda: ["0.0625", "0.125", "0.25", "0.5", "1"])
+    shots: list[int] = field(default_factory=lambda: [1, 8])
+    n_calib: int = 8  # calibration documents per domain (the s-shot set is the first s of them)
+    n_eval: int = 50  # evaluation documents per domain (disjoint from calibration)
+    random_seeds: int = 3  # random subsets per (domain, keep), averaged
+    clusters: int = 32
+    cluster_tokens: int = 40_000
+    pool_prefix: int = 64  # causal pool demo: pool from the first N tokens
+    seq_len: int = 256
+    batch_size: int = 16
+    seed: int = 0
+
+
+def _loss(
+    model, docs: Sequence[Document], batches: Sequence[DocBatch], routing: Routing, pad: int, score_from=None
+) -> float:
+    dl = document_losses(model, docs, batches, routing, pad, score_from=score_from)
+    return float(dl.loss_sum.sum() / dl.tokens.sum().clamp(min=1))
+
+
+def _keep_label(text: str) -> str:
+    return f"{float(text):g}"
+
+
+def _model_part(
+    name: str,
+    lm: LoadedModel,
+    calib: dict[str, list[Document]],
+    evals: dict[str, list[Document]],
+    cfg: ReportConfig,
+    pad: int,
+    bar: tqdm,
+) -> dict[str, Any]:
+    """Every measurement of one model."""
+    model, rc = lm.model, lm.config.router
+    seq = min(cfg.seq_len, lm.config.arch.max_seq_len)
+    keeps = {_keep_label(k): parse_keep(k, rc) for k in cfg.keep}
+    full_params = expert_parameter_counts(model)
+    res: dict[str, Any] = {
+        "checkpoint": lm.path,
+        "router": asdict(rc),
+        "params": full_params,
+        "keep_counts": keeps,
+        "domains": {},
+    }
+    t0 = time.perf_counter()
+    for domain in evals:
+        ev = pack_documents(evals[domain], seq, cfg.batch_size, pad)
+        full = _loss(model, evals[domain], ev, Routing(), pad)
+        dres: dict[str, Any] = {
+            "full_loss": full,
+            "eval_tokens": int(sum(len(d.tokens) for d in evals[domain])),
+        }
+        kept_routed = max(rc.routed_k, round(0.25 * rc.num_routed))
+        causal = Routing("causal", kept_routed, cfg.pool_prefix)
+        dres["causal_pool"] = {"routing": str(causal), "loss": _loss(model, evals[domain], ev, causal, pad)}
+        dres["causal_pool"]["full_same_tokens"] = _loss(
+            model, evals[domain], ev, Routing(), pad, score_from=causal.prefix - 1
+        )
+        sel: dict[str, dict[str, Any]] = {}
+        for label, k in keeps.items():
+            entry: dict[str, Any] = {"keep": k}
+            if k >= rc.num_experts:
+                entry.update({f"shots_{s}": {"loss": full, "rise": 0.0} for s in cfg.shots})
+                entry["random"] = {"loss": full, "rise": 0.0, "seeds": []}
+                sel[label] = entry
+                continue
+            for s in cfg.shots:
+                cb = pack_documents(calib[domain][:s], seq, cfg.batch_size, pad)
+                subset = layerwise_subset(model, cb, k)
+                loss = _loss(prune_model(model, subset.layers), evals[domain], ev, Routing(), pad)
+                entry[f"shots_{s}"] = {"loss": loss, "rise": loss / full - 1, "layers": subset.layers}
+                bar.update()
+            rl = []
+            for r in range(cfg.random_seeds):
+                subset = random_subset(rc, len(model.blocks), k, seed=cfg.seed * 1000 + r)
+                rl.append(_loss(prune_model(model, subset.layers), evals[domain], ev, Routing(), pad))
+                bar.update()
+            mean = float(np.mean(rl))
+            entry["random"] = {"loss": mean, "rise": mean / full - 1, "seeds": rl}
+            sel[label] = entry
+        dres["keep"] = sel
+        res["domains"][domain] = dres
+        bar.set_postfix_str(f"{name} {domain}")
+    res["pruned_params"] = {
+        label: expert_parameter_counts(prune_model(model, random_subset(rc, len(model.blocks), k).layers))
+        for label, k in keeps.items()
+    }
+    res["seconds_selection_eval"] = time.perf_counter() - t0
+    return res
+
+
+def summarise(part: dict[str, Any], shots: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Mean relative rise over domains per keep fraction: ``{keep: {shots_s, random}}``."""
+    out: dict[str, dict[str, float]] = {}
+    domains = list(part["domains"].values())
+    for label in domains[0]["keep"]:
+        cols = [f"shots_{s}" for s in shots] + ["random"]
+        out[label] = {c: float(np.mean([d["keep"][label][c]["rise"] for d in domains])) for c in cols}
+    return out
+
+
+def run_report(
+    emo: str | Path,
+    baseline: str | Path,
+    data: str | Path,
+    out: str | Path,
+    cfg: ReportConfig,
+    tokenizer: str | Path = "data/tokenizer.json",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every measurement, write ``report.json``, ``report.md`` and the plots into ``out``."""
+    start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = DocumentTokenizer(tokenizer)
+    docs = load_documents(data, tok)
+    calib, evals = split_documents(docs, cfg.n_calib, cfg.n_eval, cfg.seed)
+    models = {"emo": load_model(emo), "standard": load_model(baseline)}
+    n_keep = sum(
+        1
+        for k in cfg.keep
+        if parse_keep(k, models["emo"].config.router) < models["emo"].config.router.num_experts
+    )
+    steps = len(models) * len(evals) * n_keep * (len(cfg.shots) + cfg.random_seeds)
+    report: dict[str, Any] = {
+        "config": asdict(cfg),
+        "data": str(data),
+        "domains": {d: {"calibration": [x.id for x in calib[d]], "eval_docs": len(evals[d])} for d in evals},
+        "models": {},
+    }
+    with tqdm(total=steps, desc="report", unit="subset", disable=not progress) as bar:
+        for name, lm in models.items():
+            report["models"][name] = _model_part(name, lm, calib, evals, cfg, tok.pad_id, bar)
+            report["models"][name]["summary"] = summarise(report["models"][name], cfg.shots)
+    all_eval = [d for group in evals.values() for d in group]
+    for name, lm in tqdm(models.items(), desc="clustering", disable=not progress):
+        seq = min(cfg.seq_len, lm.config.arch.max_seq_len)
+        feats, index, ids = router_features(
+            lm.model, pack_documents(all_eval, seq, cfg.batch_size, tok.pad_id)
+        )
+        labels = np.asarray([all_eval[i].domain for i in index])
+        report["models"][name]["clustering"] = cluster_tokens(
+            feats,
+            labels,
+            cfg.clusters,
+            max_tokens=cfg.cluster_tokens,
+            seed=cfg.seed,
+            token_ids=ids,
+            decode=tok.decode,
+        )
+    report["machine"] = {
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "seconds": time.perf_counter() - start,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown(report))
+    plot(report, out)
+    return report
+
+
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:+.1f}%"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The Markdown report: full-model losses, relative rises per keep fraction, clustering."""
+    cfg = report["config"]
+    shots = cfg["shots"]
+    m = report["models"]
+    domains = list(m["emo"]["domains"])
+    lines = [
+        "# Expert-subset report",
+        "",
+        f"Data: `{report['data']}`; {cfg['n_calib']} calibration and {cfg['n_eval']} evaluation documents per "
+        f"domain (disjoint, seed {cfg['seed']}); layer-wise greedy selection from the first s calibration "
+        f"documents; random = mean of {cfg['random_seeds']} random subsets. Rise = loss / full-model loss - 1.",
+        "",
+        "## Mean relative loss rise over the domains",
+        "",
+        "| keep | experts | "
+        + " | ".join(f"EMO {s}-shot | std {s}-shot" for s in shots)
+        + " | EMO random | std random |",
+        "|---|---|" + "---|---|" * len(shots) + "---|---|",
+    ]
+    for label, vals in m["emo"]["summary"].items():
+        std = m["standard"]["summary"][label]
+        cells = " | ".join(f"{_pct(vals[f'shots_{s}'])} | {_pct(std[f'shots_{s}'])}" for s in shots)
+        k = m["emo"]["keep_counts"][label]
+        lines.append(
+            f"| {label} | {k}/{m['emo']['router']['num_experts']} | {cells} | {_pct(vals['random'])} | {_pct(std['random'])} |"
+        )
+    lines += [
+        "",
+        "## Full models (all experts, no pool) per domain",
+        "",
+        "| domain | EMO loss | std loss | EMO vs std |",
+        "|---|---|---|---|",
+    ]
+    for d in domains:
+        e, s = m["emo"]["domains"][d]["full_loss"], m["standard"]["domains"][d]["full_loss"]
+        lines.append(f"| {d} | {e:.4f} | {s:.4f} | {_pct(e / s - 1)} |")
+    me = float(np.mean([m["emo"]["domains"][d]["full_loss"] for d in domains]))
+    ms = float(np.mean([m["standard"]["domains"][d]["full_loss"] for d in domains]))
+    lines.append(f"| **mean** | {me:.4f} | {ms:.4f} | {_pct(me / ms - 1)} |")
+    for label in m["emo"]["summary"]:
+        if m["emo"]["keep_counts"][label] >= m["emo"]["router"]["num_experts"]:
+            continue
+        lines += ["", f"## Keep {label} per domain (rise vs. the same model's full loss)", ""]
+        head = (
+            "| domain | "
+            + " | ".join(f"EMO {s}-shot | std {s}-shot" for s in shots)
+            + " | EMO random | std random |"
+        )
+        lines += [head, "|---|" + "---|---|" * len(shots) + "---|---|"]
+        for d in domains:
+            ek, sk = m["emo"]["domains"][d]["keep"][label], m["standard"]["domains"][d]["keep"][label]
+            cells = " | ".join(
+                f"{_pct(ek[f'shots_{s}']['rise'])} | {_pct(sk[f'shots_{s}']['rise'])}" for s in shots
+            )
+            lines.append(f"| {d} | {cells} | {_pct(ek['random']['rise'])} | {_pct(sk['random']['rise'])} |")
+    lines += ["", "## Causal document pools (inference mode)", ""]
+    routing = m["emo"]["domains"][domains[0]]["causal_pool"]["routing"]
+    lines += [
+        f"Routing `{routing}`: each document's pool chosen from its first tokens only; loss on the targets after "
+        "the prefix, vs. full routing on the same targets.",
+        "",
+        "| domain | EMO causal pool | EMO full | std causal pool | std full |",
+        "|---|---|---|---|---|",
+    ]
+    for d in domains:
+        ec, sc = m["emo"]["domains"][d]["causal_pool"], m["standard"]["domains"][d]["causal_pool"]
+        lines.append(
+            f"| {d} | {ec['loss']:.4f} | {ec['full_same_tokens']:.4f} | {sc['loss']:.4f} | {sc['full_same_tokens']:.4f} |"
+        )
+    lines += ["", "## Router clustering (per-token router probabilities of all layers)", ""]
+    lines += [
+        "| model | k | tokens | PCA dims | NMI vs domain | purity | majority baseline |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in m:
+        c = m[name]["clustering"]
+        lines.append(
+            f"| {name} | {c['k']} | {c['tokens']} | {c['pca_dims']} | {c['nmi']:.3f} | {c['purity']:.3f} | {c['majority_baseline']:.3f} |"
+        )
+    for name in m:
+        lines += [
+            "",
+            f"Largest {name} clusters: "
+            + "; ".join(
+                f"{c['majority']} {c['purity']:.0%} {' '.join(repr(t) for t in c.get('top_tokens', [])[:5])}"
+                for c in m[name]["clustering"]["clusters"][:6]
+            ),
+        ]
+    pe, pp = m["emo"]["params"], m["emo"]["pruned_params"]
+    lines += ["", "## Size", "", "| keep | parameters | routed-expert parameters |", "|---|---|---|"]
+    for label, p in pp.items():
+        lines.append(
+            f"| {label} | {p['total']:,} ({p['total'] / pe['total']:.0%}) | {p['routed_experts']:,} |"
+        )
+    lines += ["", f"Report time {report['machine']['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], out: Path) -> None:
+    """``loss_vs_keep.png`` (one panel per domain, both models) and ``mean_rise.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = report["models"]
+    shots = report["config"]["shots"]
+    domains = list(m["emo"]["domains"])
+    labels = list(m["emo"]["summary"])
+    xs = [float(x) for x in labels]
+    styles = {"emo": "tab:blue", "standard": "tab:red"}
+    cols = 4
+    rows = math.ceil(len(domains) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False, sharex=True)
+    for ax, d in zip(axes.flat, domains, strict=False):
+        for name, color in styles.items():
+            keep = m[name]["domains"][d]["keep"]
+            for s, ls in zip(shots, ["-", "-."], strict=False):
+                ax.plot(
+                    xs,
+                    [100 * keep[k][f"shots_{s}"]["rise"] for k in labels],
+                    ls,
+                    marker="o",
+                    color=color,
+                    label=f"{name} {s}-shot",
+                    alpha=1.0 if s == shots[-1] else 0.6,
+                )
+            ax.plot(
+                xs,
+                [100 * keep[k]["random"]["rise"] for k in labels],
+                ":",
+                marker="x",
+                color=color,
+                label=f"{name} random",
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_title(d)
+        ax.set_ylabel("loss rise (%)")
+        ax.set_xlabel("kept fraction of experts")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(domains) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_keep.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, color in styles.items():
+        summ = m[name]["summary"]
+        for s, ls in zip(shots, ["-", "-."], strict=False):
+            ax.plot(
+                xs,
+                [100 * summ[k][f"shots_{s}"] for k in labels],
+                ls,
+                marker="o",
+                color=color,
+                label=f"{name} {s}-shot",
+            )
+        ax.plot(
+            xs,
+            [100 * summ[k]["random"] for k in labels],
+            ":",
+            marker="x",
+            color=color,
+            label=f"{name} random",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("kept fraction of experts")
+    ax.set_ylabel("mean loss rise over domains (%)")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "mean_rise.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,143 @@
+"""Expert selection from a few calibration documents: greedy layer-by-layer (the paper's) and random.
+
+Layer-wise: for l = 0 .. L-1, run the calibration documents through the model whose layers < l are already
+cut to their chosen experts, rank layer l's routable experts by the token-weighted mean of its unmasked
+router softmax (every non-padding token counts once), keep the top K' (ties: lower id first), cut layer l
+and go on. Layer l's choice only depends on layers <= l. The residual stream entering layer l is cached, so
+the whole selection costs one forward.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from emo_lightning.experts.documents import DocBatch
+from emo_lightning.experts.prune import prune_layer, pruned_router_config
+from emo_lightning.experts.routing import FULL, Routing, eval_routing
+from emo_lightning.model import AttentionMask, EMOTransformer, RouterConfig, derive_seed
+
+SUBSET_FORMAT = "emo-expert-subset"
+_RANDOM_STREAM = 0x5E1EC7
+
+
+@dataclass
+class Subset:
+    """Kept routable experts per layer (ascending ids) plus how they were chosen."""
+
+    layers: list[list[int]]
+    keep: int  # total experts kept per layer, shared included
+    num_experts: int
+    num_shared: int
+    method: str
+    scores: list[list[float]] | None = None  # layerwise: mean router probability of every routable expert
+    info: dict[str, Any] = field(default_factory=dict)  # calibration documents, routing, seed...
+
+    @property
+    def keep_routed(self) -> int:
+        return self.keep - self.num_shared
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SUBSET_FORMAT,
+            "version": 1,
+            "method": self.method,
+            "keep": self.keep,
+            "keep_routed": self.keep_routed,
+            "num_experts": self.num_experts,
+            "num_shared": self.num_shared,
+            "shared": "always kept (ids num_routed..num_experts-1)",
+            "layers": self.layers,
+            "scores": self.scores,
+            **self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<subset>") -> Subset:
+        if data.get("format") != SUBSET_FORMAT:
+            raise ValueError(f"{source}: not an expert subset (format {data.get('format')!r})")
+        known = {"format", "version", "method", "keep", "keep_routed", "num_experts", "num_shared"}
+        known |= {"shared", "layers", "scores"}
+        info = {k: v for k, v in data.items() if k not in known}
+        return cls(
+            [list(map(int, layer)) for layer in data["layers"]],
+            int(data["keep"]),
+            int(data["num_experts"]),
+            int(data["num_shared"]),
+            str(data["method"]),
+            data.get("scores"),
+            info,
+        )
+
+
+def parse_keep(keep: str | float, rc: RouterConfig) -> int:
+    """Experts to keep per layer (shared included) from a count (``4``) or a fraction of E (``0.25``).
+
+    A fraction rounds to the nearest count; at least one routable expert is always kept. ``1`` (like
+    ``1.0``) is the fraction "all experts"; for a single expert give its fraction (``0.0625`` of 16).
+    """
+    text = str(keep).strip()
+    value = float(text)
+    is_fraction = "." in text or "e" in text.lower() or value <= 1
+    if is_fraction:
+        if not 0 < value <= 1:
+            raise ValueError(f"keep fraction must lie in (0, 1], got {text}")
+        count = round(value * rc.num_experts)
+    else:
+        count = int(value)
+        if count != value or not 1 <= count <= rc.num_experts:
+            raise ValueError(f"keep count must be an integer in [1, {rc.num_experts}], got {text}")
+    return max(rc.num_shared + 1, min(count, rc.num_experts))
+
+
+def random_subset(rc: RouterConfig, n_layers: int, keep: int, seed: int = 0) -> Subset:
+    """K' routable experts per layer drawn uniformly at random (seeded by (seed, layer))."""
+    layers = []
+    for layer in range(n_layers):
+        gen = torch.Generator().manual_seed(derive_seed(seed, layer, _RANDOM_STREAM))
+        layers.append(sorted(torch.randperm(rc.num_routed, generator=gen)[: keep - rc.num_shared].tolist()))
+    return Subset(layers, keep, rc.num_experts, rc.num_shared, "random", None, {"seed": seed})
+
+
+@torch.no_grad()
+def layerwise_subset(
+    model: EMOTransformer,
+    batches: Sequence[DocBatch],
+    keep: int,
+    routing: Routing = FULL,
+    progress: bool = False,
+) -> Subset:
+    """The paper's greedy layer-by-layer selection on calibration ``batches`` (see the module docstring)."""
+    if routing.kind == "causal":
+        raise ValueError("layer-wise selection supports routing full or pool:P")
+    rc, arch = model.cfg.router, model.cfg.arch
+    rc_new = pruned_router_config(rc, keep - rc.num_shared)
+    work = copy.deepcopy(model)  # layers are cut one after the other in this copy
+    layers: list[list[int]] = []
+    scores: list[list[float]] = []
+    with eval_routing(work, routing):
+        masks = [AttentionMask.build(b.doc_ids, arch) for b in batches]
+        valid = [(b.doc_index >= 0).unsqueeze(-1) for b in batches]
+        xs = [work.embed(b.input_ids) for b in batches]  # residual stream entering the current layer
+        n_tokens = sum(int(v.sum()) for v in valid)
+        for blk in tqdm(work.blocks, desc="select", unit="layer", disable=not progress):
+            total = torch.zeros(rc.num_routed, dtype=torch.float64)
+            for x, m, v in zip(xs, masks, valid, strict=True):
+                h = blk.ffn_norm(x + blk.attn(blk.attn_norm(x), m))
+                probs = F.linear(h.float(), blk.moe.router.weight.float()).softmax(-1)  # (B,S,E')
+                total += (probs * v).sum((0, 1)).double()
+            mean = total / max(n_tokens, 1)
+            order = torch.sort(mean, descending=True, stable=True).indices
+            kept = order[: rc_new.num_routed].sort().values
+            layers.append(kept.tolist())
+            scores.append([round(float(s), 6) for s in mean])
+            blk.moe = prune_layer(blk.moe, kept, rc_new, arch)
+            xs = [blk(x, m, b.doc_ids)[0] for x, m, b in zip(xs, masks, batches, strict=True)]
+    info = {"routing": str(routing), "calibration_tokens": n_tokens}
+    return Subset(layers, keep, rc.num_experts, rc.num_shared, "layerwise", scores, info)

@@ -1,0 +1,129 @@
+"""The ``emo-experts`` commands end to end on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from emo_lightning.experts.checkpoint import load_model
+from emo_lightning.experts.cli import build_parser, main
+from tests.experts.conftest import TOKENIZER, tiny_model, write_checkpoint
+
+
+def _run(*argv: str) -> None:
+    main([*argv, "--no-progress"])
+
+
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for cmd in ("routes", "select", "prune", "eval", "report"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([cmd, "--help"])
+        assert "usage: emo-experts" in capsys.readouterr().out
+
+
+def test_select_prune_eval_routes(tmp_path: Path, jsonl: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = write_checkpoint(tiny_model(), tmp_path / "m.ckpt")
+    tok = ["--tokenizer", str(TOKENIZER)]
+    _run(
+        "select",
+        "--ckpt",
+        str(ckpt),
+        "--data",
+        str(jsonl),
+        "--keep",
+        "0.34",
+        "--out",
+        str(tmp_path / "s.json"),
+        *tok,
+    )
+    subset = json.loads((tmp_path / "s.json").read_text())
+    assert subset["keep"] == 3 and all(len(layer) == 2 for layer in subset["layers"])
+    _run(
+        "prune",
+        "--ckpt",
+        str(ckpt),
+        "--subset",
+        str(tmp_path / "s.json"),
+        "--out",
+        str(tmp_path / "small.ckpt"),
+    )
+    assert "routed experts" in capsys.readouterr().out
+    small = load_model(tmp_path / "small.ckpt")
+    assert small.config.router.num_experts == 3
+
+    _run(
+        "eval",
+        "--ckpt",
+        str(ckpt),
+        "--data",
+        str(jsonl),
+        "--subset",
+        str(tmp_path / "s.json"),
+        "--out",
+        str(tmp_path / "a.json"),
+        *tok,
+    )
+    _run(
+        "eval",
+        "--ckpt",
+        str(tmp_path / "small.ckpt"),
+        "--data",
+        str(jsonl),
+        "--out",
+        str(tmp_path / "b.json"),
+        *tok,
+    )
+    a = json.loads((tmp_path / "a.json").read_text())["results"]["full"]
+    b = json.loads((tmp_path / "b.json").read_text())["results"]["full"]
+    assert a == b and set(a) == {"code", "literature", "math", "all"}
+    assert "domain" in capsys.readouterr().out
+
+    _run(
+        "eval",
+        "--ckpt",
+        str(ckpt),
+        "--data",
+        str(jsonl),
+        "--routing",
+        "causal:3:4",
+        "--out",
+        str(tmp_path / "c.json"),
+        *tok,
+    )
+    c = json.loads((tmp_path / "c.json").read_text())["results"]
+    assert c["causal:3:4"]["all"]["tokens"] == c["full (same targets)"]["all"]["tokens"]
+
+    for routing in ("full", "pool:3", "causal:3:4"):
+        out = tmp_path / f"routes_{routing.replace(':', '_')}.jsonl"
+        _run(
+            "routes", "--ckpt", str(ckpt), "--data", str(jsonl), "--out", str(out), "--routing", routing, *tok
+        )
+        recs = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(recs) == 9 and len(recs[0]["layers"]) == 3
+        layer = recs[0]["layers"][0]
+        assert len(layer["experts"]) == recs[0]["tokens"] and len(layer["experts"][0]) == 3
+        assert (layer["pools"] is None) == (routing == "full")
+        if layer["pools"]:
+            assert len(layer["pools"][0]["experts"]) == 3
+            assert all(e in layer["pools"][0]["experts"] for e in layer["experts"][0][:2])
+
+
+def test_report(tmp_path: Path, jsonl: Path) -> None:
+    emo = write_checkpoint(tiny_model(), tmp_path / "emo.ckpt")
+    std = write_checkpoint(tiny_model("standard", seed=1), tmp_path / "std.ckpt")
+    out = tmp_path / "report"
+    _run(
+        "report", "--emo", str(emo), "--baseline", str(std), "--data", str(jsonl), "--keep", "0.25,1",
+        "--shots", "1,2", "--calib-docs", "2", "--eval-docs", "1", "--random-seeds", "2", "--clusters", "3",
+        "--pool-prefix", "4", "--out", str(out), "--tokenizer", str(TOKENIZER),
+    )  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    summary = report["models"]["emo"]["summary"]
+    assert set(summary) == {"0.25", "1"} and summary["1"]["shots_2"] == 0.0
+    assert 0.0 <= report["models"]["standard"]["clustering"]["nmi"] <= 1.0
+    assert (out / "loss_vs_keep.png").stat().st_size > 0 and (out / "mean_rise.png").exists()
+    assert "Mean relative loss rise" in (out / "report.md").read_text()
+    sizes = report["models"]["emo"]["pruned_params"]
+    assert sizes["0.25"]["routed_experts"] * 8 == sizes["1"]["routed_experts"]
