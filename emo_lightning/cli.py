@@ -6,11 +6,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from emo_lightning.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossError
+from emo_lightning.callbacks.preemption import PreemptionCheckpoint
+from emo_lightning.callbacks.safe_checkpoint import SafeModelCheckpoint
+from emo_lightning.checkpointing import (
+    CheckpointDirError,
+    CheckpointMismatchError,
+    CheckpointWriteError,
+    preflight_checkpoint_dir,
+)
 from emo_lightning.data import ShardDataModule
+from emo_lightning.data.dataset import ShardFailureError
 from emo_lightning.lit_module import EMOLitModule
 
 
@@ -25,7 +34,10 @@ class EMOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--experiment", type=str, default="emo_tiny", help="Run name: runs/<experiment>/")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Parent folder of all runs.")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(SafeModelCheckpoint, "checkpoint")
+        # Robustness (README "Operations"): preemption signals and non-finite steps, on in every run.
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
@@ -47,6 +59,25 @@ class EMOCLI(LightningCLI):
             )
         return super().instantiate_trainer(**kwargs)
 
+    def before_fit(self) -> None:
+        """Fail before training if the run folder or the checkpoint folder cannot be written."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        try:
+            for folder in (Path(config.runs_dir) / config.experiment, config.checkpoint.dirpath):
+                if folder is not None:
+                    preflight_checkpoint_dir(folder)
+        except CheckpointDirError as err:
+            print(f"emo: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except _CLEAN_ERRORS as err:
+            # Operational faults with a message that says it all (README "Operations"): no traceback.
+            print(f"emo: {type(err).__name__}: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -54,6 +85,15 @@ class EMOCLI(LightningCLI):
             # Config dataclasses validate themselves and name the offending key; show that, not a traceback.
             print(f"emo: configuration error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+
+
+_CLEAN_ERRORS = (
+    CheckpointDirError,
+    CheckpointMismatchError,
+    CheckpointWriteError,
+    NonFiniteLossError,
+    ShardFailureError,
+)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from emo_lightning.checkpointing import CheckpointMismatchError, describe_mismatch
 from emo_lightning.metrics import DomainLoss, TokenPerplexity
 from emo_lightning.model import (
     ArchConfig,
@@ -65,6 +66,10 @@ class EMOLitModule(L.LightningModule):
         # Set by monitoring callbacks (ExpertUsageMonitor): training steps then keep their per-token routes.
         self.collect_routes = False
         self.last_routing: list[LayerRouting] | None = None  # routing of the last training micro-batch
+        # Robustness (NonFiniteGuard): the last micro-batch's loss terms, and a skipped step's scheduler flag.
+        self.loss_terms: dict[str, torch.Tensor] = {}
+        self.skip_lr_scheduler_step = False
+        self.stream_skips = {"skipped_shards": 0, "skipped_docs": 0}  # data-stream faults (batch extra keys)
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -132,6 +137,10 @@ class EMOLitModule(L.LightningModule):
         n_targets = (labels != IGNORE_INDEX).sum()
         ce = self._token_ce(out.logits, labels).sum() / n_targets.clamp_min(1)
         loss = ce + out.aux_loss
+        self.loss_terms = {"CE": ce.detach(), "LB": out.lb_loss.detach(), "z-loss": out.z_loss.detach()}
+        if out.lm_z_loss is not None:
+            self.loss_terms["LM z-loss"] = out.lm_z_loss.detach()
+        self._log_stream_skips(batch)
         self.log_dict(
             {
                 "train/loss": loss.detach(),
@@ -146,6 +155,14 @@ class EMOLitModule(L.LightningModule):
         self.log("train/ppl", self.train_ppl, on_step=True, on_epoch=False, prog_bar=True)
         self.log("loss", ce.detach(), prog_bar=True, logger=False)
         return loss
+
+    def _log_stream_skips(self, batch: dict[str, torch.Tensor]) -> None:
+        """Count the data-stream faults reported through the batch's optional extra keys (see data/README)."""
+        for key in self.stream_skips:
+            if key in batch:
+                self.stream_skips[key] += int(batch[key].sum())
+        if any(self.stream_skips.values()):
+            self.log_dict({f"data/{k}": float(v) for k, v in self.stream_skips.items()}, on_step=True)
 
     def _start_optimizer_step(self, step: int) -> None:
         """First micro-batch of an optimizer step: reset the step's expert counts and reseed the pool sizes.
@@ -183,7 +200,36 @@ class EMOLitModule(L.LightningModule):
                 self.log(f"val/{name}/loss", value, sync_dist=False)
                 self.log(f"val/{name}/ppl", math.exp(min(value, 50.0)), sync_dist=False)
 
+    # -------------------------------------------------------------- checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model shape with the mismatching keys named (not a tensor traceback)."""
+        saved = checkpoint.get("state_dict")
+        if not saved or self.model is None:
+            return
+        problems = describe_mismatch(saved, self.state_dict())
+        if problems:
+            hparams = checkpoint.get("hyper_parameters", {})
+            diffs = [
+                f"{section}.{k}: checkpoint {v!r}, current {getattr(cur, k, None)!r}"
+                for section, cur in (("arch", self.config.arch), ("router", self.config.router))
+                if (old := hparams.get(section)) is not None
+                for k, v in (vars(old) if hasattr(old, "__dict__") else dict(old)).items()
+                if getattr(cur, k, None) != v
+            ]
+            raise CheckpointMismatchError(
+                "the checkpoint does not fit this model configuration: "
+                + "; ".join(problems)
+                + (". Configuration differences: " + "; ".join(diffs) if diffs else "")
+            )
+
     # -------------------------------------------------------------- optimizer
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Step the schedule, except after an optimizer step skipped by ``NonFiniteGuard``."""
+        if self.skip_lr_scheduler_step:
+            self.skip_lr_scheduler_step = False
+            return
+        super().lr_scheduler_step(scheduler, metric)
+
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         if total is None and self.optim_config.decay_steps is None:

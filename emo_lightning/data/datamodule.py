@@ -48,6 +48,10 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: documents in the training shuffle buffer.
         seed: base seed of the training stream (identical across runs for equal seed, world size and workers).
         rank, world_size: override the data-parallel rank and size (default: from the trainer).
+        max_bad_shard_fraction: shards that fail to read are skipped with a warning and counted (batch key
+            ``skipped_shards``, logged as ``data/skipped_shards``); more than this fraction of failed shards stops
+            the run with ``ShardFailureError``. Documents with token ids outside the manifest's vocabulary are
+            skipped (``data/skipped_docs``).
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        max_bad_shard_fraction: float = 0.1,
     ) -> None:
         super().__init__()
         self.train_shards, self.val_shards, self.manifest_path = train_shards, val_shards, manifest
@@ -73,6 +78,7 @@ class ShardDataModule(L.LightningDataModule):
         self._train_urls: list[str] | None = None
         self._domains: dict[str, int] | None = None
         self._resume_batches: int | None = None
+        self.max_bad_shard_fraction = max_bad_shard_fraction
 
     # ------------------------------------------------------------------ manifest-derived attributes
     @property
@@ -165,6 +171,8 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             shard_tokens=tokens,
             even_batches=not train and world > 1,
+            vocab_size=self.vocab_size,
+            max_bad_shard_fraction=self.max_bad_shard_fraction,
         )
 
     def train_dataset(self) -> PackedShardDataset:

@@ -18,7 +18,11 @@ Two modes:
 
 from __future__ import annotations
 
+import itertools
+import logging
 import random
+import tarfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -29,6 +33,16 @@ from emo_lightning.data.packing import Batch, Packer
 from emo_lightning.data.shards import read_shard
 
 TensorBatch = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
+
+# What reading a damaged shard can raise (truncated tar or gzip, bad .npy header, undecodable member...).
+_READ_ERRORS = (OSError, EOFError, ValueError, SyntaxError, zlib.error, tarfile.TarError)
+#: Optional batch keys (0-d ``torch.long``) counting stream faults since the worker's previous batch.
+SKIP_KEYS = ("skipped_shards", "skipped_docs")
+
+
+class ShardFailureError(RuntimeError):
+    """More shards failed to read than ``max_bad_shard_fraction`` allows."""
 
 
 def batches_per_worker(tokens: Sequence[int], n: int) -> int:
@@ -53,6 +67,15 @@ class PackedShardDataset(IterableDataset):
         even_batches: single pass: append all-padding batches so every rank yields the same number of batches
             (collectives such as expert-parallel all-to-all must run equally often on every rank).
         chunk_batches: minimum batches per training chunk (granularity of the reseeding).
+        vocab_size: documents holding an id ``>= vocab_size`` are skipped (warning, ``skipped_docs``).
+        max_bad_shard_fraction: a shard that fails to read (truncated, corrupt, fewer tokens than the manifest
+            says) is skipped with a warning and counted (``skipped_shards``); when more than this fraction of
+            all shards has failed in one worker, :class:`ShardFailureError` stops the stream.
+
+    Robustness: in training, a chunk short of batches because of a failed shard is completed from
+    replacement shards drawn with a generator seeded by ``(seed, rank, worker, chunk, 2)``, so every chunk
+    still yields the number of batches the manifest predicts (exact resume stays exact). A domain missing from
+    ``domains`` maps to the id of ``unknown`` if the vocabulary has one, else to ``-1`` (like padding).
     """
 
     def __init__(
@@ -72,6 +95,8 @@ class PackedShardDataset(IterableDataset):
         skip_batches: int = 0,
         even_batches: bool = False,
         chunk_batches: int = 32,
+        vocab_size: int | None = None,
+        max_bad_shard_fraction: float = 0.1,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
@@ -91,6 +116,12 @@ class PackedShardDataset(IterableDataset):
         self.skip_batches = skip_batches
         self.even_batches = even_batches
         self.chunk_batches = chunk_batches
+        if not 0.0 <= max_bad_shard_fraction <= 1.0:
+            raise ValueError(f"max_bad_shard_fraction must be in [0, 1], got {max_bad_shard_fraction}")
+        self.vocab_size, self.max_bad_shard_fraction = vocab_size, max_bad_shard_fraction
+        self.bad_shards: dict[str, str] = {}  # url -> reason (this process / worker)
+        self._skips = dict.fromkeys(SKIP_KEYS, 0)  # since the previous batch
+        self._unknown_domains: set[str] = set()
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[TensorBatch]:
@@ -101,20 +132,60 @@ class PackedShardDataset(IterableDataset):
         else:
             stream = self.single_pass_batches(worker, workers)
         for batch in stream:
-            yield {k: torch.from_numpy(v) for k, v in batch.items()}
+            out = {k: torch.from_numpy(v) for k, v in batch.items()}
+            for key, n in self._skips.items():
+                if n:
+                    out[key] = torch.tensor(n, dtype=torch.long)
+                    self._skips[key] = 0
+            yield out
 
     def _docs(self, url: str, expected: int | None) -> Iterator[tuple[np.ndarray, int]]:
+        """The documents of one shard; a read failure skips the rest of the shard (see ``_shard_failed``)."""
         seen = 0
-        for key, tokens, domain in read_shard(url):
-            did = self.domains.get(domain)
-            if did is None:
-                raise ValueError(
-                    f"{url}: document {key!r} has domain {domain!r}, not in the manifest's domains"
-                )
-            seen += len(tokens)
-            yield tokens, did
+        try:
+            for key, tokens, domain in read_shard(url):
+                seen += len(tokens)
+                if self.vocab_size is not None and len(tokens) and int(tokens.max()) >= self.vocab_size:
+                    self._skips["skipped_docs"] += 1
+                    log.warning(
+                        "%s: document %r skipped: token id %d >= vocabulary size %d",
+                        url, key, int(tokens.max()), self.vocab_size,
+                    )  # fmt: skip
+                    continue
+                yield tokens, self._domain_id(domain, url, key)
+        except _READ_ERRORS as err:
+            self._shard_failed(url, str(err))
+            return
         if expected is not None and seen != expected:
-            raise ValueError(f"{url}: holds {seen} tokens but the manifest says {expected}: stale manifest?")
+            self._shard_failed(
+                url, f"holds {seen} tokens but the manifest says {expected} (truncated or stale)"
+            )
+
+    def _domain_id(self, domain: str, url: str, key: str) -> int:
+        did = self.domains.get(domain)
+        if did is not None:
+            return did
+        fallback = self.domains.get("unknown", -1)
+        if domain not in self._unknown_domains:
+            self._unknown_domains.add(domain)
+            log.warning(
+                "%s: document %r has domain %r, not in the manifest's domains: its tokens get domain id %d",
+                url, key, domain, fallback,
+            )  # fmt: skip
+        return fallback
+
+    def _shard_failed(self, url: str, reason: str) -> None:
+        """Skip a shard that cannot be read: warn, count, and stop when too many shards have failed."""
+        self.bad_shards[url] = reason
+        self._skips["skipped_shards"] += 1
+        n, total = len(self.bad_shards), len(self.urls)
+        log.warning("skipping shard %s: %s (%d of %d shards failed so far)", url, reason, n, total)
+        if n > self.max_bad_shard_fraction * total:
+            listed = "; ".join(f"{u}: {r}" for u, r in list(self.bad_shards.items())[:5])
+            raise ShardFailureError(
+                f"{n} of {total} shards failed to read, more than max_bad_shard_fraction="
+                f"{self.max_bad_shard_fraction}: {listed}{' ...' if n > 5 else ''}"
+            )
 
     # ------------------------------------------------------------------ single pass
     def worker_shards(self, worker: int, workers: int, rank: int | None = None) -> list[int]:
@@ -190,7 +261,10 @@ class PackedShardDataset(IterableDataset):
     def _chunk(self, worker: int, chunk: int, picks: list[int], n_batches: int) -> Iterator[Batch]:
         packer = Packer(self.batch_size, self.seq_len, self.pad_id)
         emitted = 0
-        for tokens, domain in self._shuffled_docs(worker, chunk, picks):
+        docs = itertools.chain(
+            self._shuffled_docs(worker, chunk, picks), self._replacement_docs(worker, chunk)
+        )
+        for tokens, domain in docs:
             packer.add(tokens, domain)
             while packer.ready():
                 yield packer.pop()
@@ -202,6 +276,18 @@ class PackedShardDataset(IterableDataset):
             "do the shards match their manifest?"
         )
 
+    def _replacement_docs(self, worker: int, chunk: int) -> Iterator[tuple[np.ndarray, int]]:
+        """After shard failures: documents of shards drawn by (seed, rank, worker, chunk, 2), known-bad skipped."""
+        assert self.shard_tokens is not None
+        if not self.bad_shards:
+            return
+        tokens = np.asarray(self.shard_tokens, dtype=np.float64)
+        rng = np.random.default_rng([self.seed, self.rank, worker, chunk, 2])
+        for _ in range(100 * len(self.urls)):
+            i = int(rng.choice(len(tokens), p=tokens / tokens.sum()))
+            if self.urls[i] not in self.bad_shards:
+                yield from self._docs(self.urls[i], self.shard_tokens[i])
+
     def _shuffled_docs(self, worker: int, chunk: int, picks: list[int]) -> Iterator[tuple[np.ndarray, int]]:
         """The chunk's documents through a shuffle buffer seeded by (seed, rank, worker, chunk)."""
         seed = np.random.SeedSequence([self.seed, self.rank, worker, chunk, 1]).generate_state(1)[0]
@@ -209,7 +295,9 @@ class PackedShardDataset(IterableDataset):
         size = self.shuffle_buffer
         buffer: list[tuple[np.ndarray, int]] = []
         for i in picks:
-            for doc in self._docs(self.urls[i], None):
+            for doc in self._docs(
+                self.urls[i], self.shard_tokens[i] if self.shard_tokens is not None else None
+            ):
                 if size <= 1:
                     yield doc
                 elif len(buffer) < size:

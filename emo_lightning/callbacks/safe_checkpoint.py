@@ -1,0 +1,61 @@
+"""``SafeModelCheckpoint``: Lightning's ``ModelCheckpoint`` with atomic writes, a start-up pre-flight of its folder
+and a ``--ckpt_path last`` that never resolves to an incomplete or corrupt file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from emo_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    estimate_checkpoint_bytes,
+    newest_complete,
+    preflight_checkpoint_dir,
+    remove_stale_temporaries,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SafeModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` (same arguments) that
+
+    * switches a plain ``TorchCheckpointIO`` to :class:`~emo_lightning.checkpointing.AtomicCheckpointIO`
+      (temporary file + fsync + rename; DeepSpeed writes its own folders and is left alone);
+    * before the first training step, checks its folder is creatable and writable and has room for two
+      checkpoints (``last`` and ``stepN``) of the estimated size, and removes temporaries left by killed writers;
+    * resolves ``ckpt_path="last"`` to the newest *complete* checkpoint: a broken ``last.ckpt`` (truncated,
+      bad CRC) is skipped with a warning and the newest complete ``*.ckpt`` of the folder is used instead.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        strategy = trainer.strategy
+        if type(getattr(strategy, "_checkpoint_io", None) or strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.dirpath is None:
+            return
+        for tmp in remove_stale_temporaries(self.dirpath):
+            log.warning("removed %s, the temporary file of an interrupted checkpoint write", tmp)
+        preflight_checkpoint_dir(self.dirpath, estimate_checkpoint_bytes(pl_module))
+
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        found = super()._find_last_checkpoints(trainer)
+        best = newest_complete(found)
+        if best is None:
+            folder = self.dirpath or (Path(next(iter(found))).parent if found else None)
+            others = (
+                sorted(Path(folder).glob(f"*{self.FILE_EXTENSION}"))
+                if folder and Path(folder).is_dir()
+                else []
+            )
+            best = newest_complete(p for p in others if str(p) not in found)
+            if best is not None:
+                log.warning("no complete last checkpoint in %s: resuming from %s", folder, best)
+        return {best} if best is not None else set()

@@ -1,0 +1,260 @@
+"""Checkpoint safety: atomic writes, verification of complete files, and a pre-flight of the checkpoint folder.
+
+* :class:`AtomicCheckpointIO` writes a checkpoint to a temporary file in the same folder, ``fsync``\\ s it,
+  ``os.replace``\\ s it over the target and ``fsync``\\ s the folder: a reader (or a process killed with SIGKILL at
+  any moment) sees either the previous complete file or the new complete one, never a prefix. On failure the
+  temporary file is removed and :class:`CheckpointWriteError` names the path and the reason; before writing, the
+  free space is compared with the size of the checkpoint (the sum of its tensors).
+* :func:`is_complete_checkpoint` checks a file is a whole ``torch.save`` zip archive (central directory present,
+  every member's CRC-32 correct) without unpickling it.
+* :func:`preflight_checkpoint_dir` creates the folder, proves it writable with a probe file and compares the
+  free space (and ``ulimit -f``) with an estimate of a checkpoint: a run that could never save fails at start-up.
+* :func:`describe_mismatch` compares a checkpoint's ``state_dict`` with a model's and names the keys that differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+TMP_SUFFIX = ".tmp"
+_PROBE_BYTES = 4096
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (nothing partial was left behind)."""
+
+
+class CheckpointDirError(OSError):
+    """The checkpoint folder cannot hold checkpoints (not creatable, not writable, too little space)."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's weights do not fit the current model (other shapes or parameter names)."""
+
+
+# ------------------------------------------------------------------ sizes
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of all tensors in a nested checkpoint structure (its size on disk, up to small metadata)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def estimate_checkpoint_bytes(module: torch.nn.Module, optimizer_states: int = 2) -> int:
+    """Size of a training checkpoint: weights and buffers plus ``optimizer_states`` copies (AdamW: 2), +1 MiB."""
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    return params * (1 + optimizer_states) + buffers + (1 << 20)
+
+
+def writable_bytes(directory: str | os.PathLike[str]) -> int:
+    """Bytes a new file in ``directory`` may take: free space, capped by the file-size limit (``ulimit -f``)."""
+    free = shutil.disk_usage(directory).free
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return free if soft == resource.RLIM_INFINITY else min(free, soft)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+# ------------------------------------------------------------------ atomic writes
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened / synced
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (temporary file in the same folder, fsync, rename).
+
+    Raises:
+        CheckpointWriteError: not enough space for the checkpoint (checked first), or the write failed; the
+            temporary file is removed and an existing file at ``path`` is unchanged.
+    """
+    path = Path(path)
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        need, room = tensor_bytes(obj), writable_bytes(directory)
+    except OSError as err:
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {err}") from err
+    if need > room:
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {path}: it needs about {_mb(need)} but only {_mb(room)} can be written "
+            f"there (free space / file-size limit); nothing was written, the previous checkpoint is unchanged"
+        )
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {path}: {err.strerror or err}; the partial file was removed, "
+                "the previous checkpoint is unchanged"
+            ) from err
+        raise
+    _fsync_dir(directory)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporary files left by writers that were killed (``.<name>.ckpt.*.tmp``); return them."""
+    removed = []
+    folder = Path(directory)
+    if folder.is_dir():
+        for tmp in folder.glob(f".*.ckpt.*{TMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose writes are atomic and whose errors name the file (local paths).
+
+    Remote URLs (``s3://``...) fall back to Lightning's own writer.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        if "://" not in str(path) and Path(path).is_file() and not is_complete_checkpoint(path):
+            raise CheckpointWriteError(f"checkpoint {path} is incomplete or corrupt (truncated or bad CRC)")
+        kwargs: dict[str, Any] = {"weights_only": weights_only}
+        if map_location is not None:
+            kwargs["map_location"] = map_location
+        return super().load_checkpoint(path, **kwargs)
+
+
+# ------------------------------------------------------------------ verification
+def is_complete_checkpoint(path: str | os.PathLike[str], check_crc: bool = True) -> bool:
+    """Whether ``path`` is a whole ``torch.save`` archive (a folder, e.g. DeepSpeed's, counts as complete).
+
+    ``check_crc`` reads the whole file and checks every member's CRC-32 (catches bit flips, not only
+    truncation).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return True
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+                return False
+            return archive.testzip() is None if check_crc else True
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+
+def newest_complete(paths: Iterable[str | os.PathLike[str]]) -> str | None:
+    """The most recently modified complete checkpoint among ``paths`` (warning about each broken one)."""
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    for path in sorted(existing, key=lambda p: p.stat().st_mtime, reverse=True):
+        if is_complete_checkpoint(path):
+            return str(path)
+        log.warning("checkpoint %s is incomplete or corrupt: skipped, trying an older one", path)
+    return None
+
+
+# ------------------------------------------------------------------ pre-flight
+def preflight_checkpoint_dir(
+    directory: str | os.PathLike[str], estimate_bytes: int = 0, copies: int = 2
+) -> None:
+    """Fail early unless ``directory`` can receive ``copies`` checkpoints of ``estimate_bytes`` each.
+
+    Creates the folder, writes, fsyncs and deletes a probe file, then compares the writable bytes (free space,
+    ``ulimit -f``) with the estimate (``copies``: e.g. ``last.ckpt`` and ``stepN.ckpt`` written at one step).
+
+    Raises:
+        CheckpointDirError: with the folder and the reason.
+    """
+    folder = Path(directory)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointDirError(f"checkpoint directory {folder} cannot be created: {err}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=TMP_SUFFIX, dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"\0" * _PROBE_BYTES)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            os.unlink(probe)
+    except OSError as err:
+        raise CheckpointDirError(f"checkpoint directory {folder} is not writable: {err}") from None
+    if estimate_bytes:
+        room = writable_bytes(folder)
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY and soft < estimate_bytes:
+            raise CheckpointDirError(
+                f"checkpoint directory {folder}: the file-size limit (ulimit -f) is {_mb(soft)}, "
+                f"a checkpoint needs about {_mb(estimate_bytes)}"
+            )
+        if room < copies * estimate_bytes:
+            raise CheckpointDirError(
+                f"checkpoint directory {folder}: only {_mb(room)} free, {copies} checkpoints need about "
+                f"{_mb(copies * estimate_bytes)} ({_mb(estimate_bytes)} each)"
+            )
+
+
+# ------------------------------------------------------------------ config mismatch
+def describe_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], limit: int = 8) -> list[str]:
+    """Human-readable differences between two ``state_dict``\\ s: shapes, missing and unexpected keys."""
+
+    def shape(v: Any) -> tuple[int, ...] | None:
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+    def clip(keys: list[str]) -> str:
+        more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+        return ", ".join(keys[:limit]) + more
+
+    shapes = [
+        f"{k}: checkpoint {shape(saved[k])} vs model {shape(current[k])}"
+        for k in saved
+        if k in current and shape(saved[k]) != shape(current[k])
+    ]
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    out = []
+    if shapes:
+        out.append("shape mismatch: " + clip(shapes))
+    if missing:
+        out.append("missing in checkpoint: " + clip(missing))
+    if unexpected:
+        out.append("not in model: " + clip(unexpected))
+    return out
