@@ -1,0 +1,103 @@
+"""``python lightning_worker.py OUT TRAIN VAL --max-steps N [--ckpt PATH] [--ep-size E]``.
+
+Trains the tiny EMO model with ``EMODeepSpeedStrategy`` (ZeRO-2) on 2 CPU processes; Lightning starts the second
+process itself (subprocess launcher re-running this command). Every rank writes ``OUT/rank<r>.json`` with its
+per-step training loss; after ``fit`` both ranks validate on the whole validation set (rank/world overridden to
+0/1 so the numbers are comparable to one process) and rank 0 records ``val/ce``. Checkpoints go to ``OUT/ckpt``
+(one DeepSpeed directory per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from emo_lightning.data import ShardDataModule
+from emo_lightning.lit_module import EMOLitModule
+from emo_lightning.model import ArchConfig, RouterConfig
+from emo_lightning.optim import OptimConfig
+from emo_lightning.parallel import EMODeepSpeedStrategy
+
+
+def tiny_module() -> EMOLitModule:
+    return EMOLitModule(
+        arch=ArchConfig(vocab_size=4096, d_model=32, n_layers=2, n_heads=2, expert_hidden=32, max_seq_len=64),
+        router=RouterConfig(
+            kind="emo", num_experts=8, num_shared=1, top_k=3, pool_min=2, pool_max=7, pool_eval=3
+        ),
+        optim=OptimConfig(lr=1e-2, warmup_steps=1),
+    )
+
+
+def data(train: str | None, val: str | None, **kw: int) -> ShardDataModule:
+    return ShardDataModule(
+        train_shards=train,
+        val_shards=val,
+        seq_len=64,
+        batch_size=4,
+        num_workers=0,
+        shuffle_buffer=50,
+        seed=3,
+        **kw,
+    )
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("train")
+    p.add_argument("val")
+    p.add_argument("--max-steps", type=int, default=5)
+    p.add_argument("--ckpt", default=None)
+    p.add_argument("--ep-size", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    L.seed_everything(0)
+    module, rec = tiny_module(), LossRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=EMODeepSpeedStrategy(ep_size=args.ep_size, stage=2),
+        max_steps=args.max_steps,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=4,
+        callbacks=[
+            rec,
+            ModelCheckpoint(
+                dirpath=out / "ckpt",
+                filename="s{step}",
+                auto_insert_metric_name=False,
+                every_n_train_steps=1,
+                save_top_k=-1,
+            ),
+        ],
+    )
+    trainer.fit(module, datamodule=data(args.train, None), ckpt_path=args.ckpt)
+    result = {"losses": rec.losses}
+    # both ranks validate the same (whole) validation set: comparable with a one-process run
+    metrics = trainer.validate(
+        module, datamodule=data(args.train, args.val, rank=0, world_size=1), verbose=False
+    )
+    result["val_ce"] = metrics[0]["val/ce"]
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
