@@ -1,0 +1,229 @@
+"""Training step time with and without ``ExpertUsageMonitor`` on the tiny default model (conf/model/emo_tiny.yaml).
+
+Both variants are real ``Trainer.fit`` runs (same seed, same synthetic batches, same TensorBoard logger); they
+alternate A/B/A/B so that load from other processes hits both alike. Step time = time between consecutive
+``on_train_batch_start`` calls (so the monitor's ``on_train_batch_end`` work, its window logging and its images are
+included), averaged over each run after a warm-up, in wall time and in process CPU time. Ratios are taken per A/B
+pair; the median pair is reported.
+Two low-noise cross-checks are reported as well: the time spent inside the monitor's ``on_train_batch_end`` per
+step (its accumulation and window logging), and the image round (figures + ``add_figure``) amortised over its
+interval (runs shorter than the image interval never draw one).
+
+Batches are synthetic but follow the batch contract: packed documents of log-normal length (median
+``--doc-len``), each of one of 8 domains, tokens drawn from a per-domain vocabulary slice.
+
+    .venv/bin/python benchmarks/expert_usage_overhead.py [--steps 150 --pairs 3 --threads 1 --router emo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from emo_lightning.callbacks import ExpertUsageMonitor
+from emo_lightning.lit_module import EMOLitModule
+from emo_lightning.model import ArchConfig, RouterConfig
+from emo_lightning.optim import OptimConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DOMAINS = ["biomedical", "code", "forum", "law", "math", "news", "reviews", "wiki"]
+
+
+def load_model_conf(name: str) -> tuple[ArchConfig, RouterConfig, OptimConfig]:
+    """The three typed configs of ``conf/model/<name>.yaml`` (relative file references resolved)."""
+    conf_dir = ROOT / "conf" / "model"
+    refs = OmegaConf.load(conf_dir / f"{name}.yaml")
+    parts = {k: OmegaConf.to_container(OmegaConf.load(conf_dir / v), resolve=True) for k, v in refs.items()}
+    parts["optim"]["betas"] = tuple(parts["optim"]["betas"])
+    return ArchConfig(**parts["arch"]), RouterConfig(**parts["router"]), OptimConfig(**parts["optim"])
+
+
+def synthetic_batches(n: int, batch: int, seq: int, vocab: int, doc_len: float, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    slice_ = vocab // len(DOMAINS)
+    for _ in range(n):
+        doc = torch.empty(batch, seq, dtype=torch.long)
+        dom = torch.empty(batch, seq, dtype=torch.long)
+        for r in range(batch):
+            pos, i = 0, 0
+            while pos < seq:
+                length = max(
+                    1,
+                    int(
+                        torch.empty(1).log_normal_(
+                            mean=torch.tensor(doc_len).log().item(), std=0.8, generator=g
+                        )
+                    ),
+                )
+                end = min(seq, pos + length)
+                doc[r, pos:end] = i
+                dom[r, pos:end] = int(torch.randint(0, len(DOMAINS), (1,), generator=g))
+                pos, i = end, i + 1
+        ids = dom * slice_ + torch.randint(0, slice_, (batch, seq), generator=g)
+        labels = torch.where(doc.roll(-1, 1) == doc, ids.roll(-1, 1), -100)
+        labels[:, -1] = -100
+        out.append({"input_ids": ids, "labels": labels, "doc_ids": doc, "domain_ids": dom})
+    return out
+
+
+class Batches(L.LightningDataModule):
+    def __init__(self, batches: list[dict]) -> None:
+        super().__init__()
+        self.batches, self.domains = batches, DOMAINS
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.batches, batch_size=None, shuffle=False)
+
+
+class StepTimer(L.Callback):
+    """Wall and process CPU time between consecutive training batch starts (and the last batch to the end).
+
+    CPU time (``time.process_time``: every thread of this process, including the logger's writer thread) is far
+    less sensitive than wall time to other jobs on a shared machine.
+    """
+
+    def __init__(self) -> None:
+        self.stamps: list[tuple[float, float]] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self.stamps.append((time.perf_counter(), time.process_time()))
+
+    def on_train_end(self, *args) -> None:
+        self.stamps.append((time.perf_counter(), time.process_time()))
+
+    def mean_step(self, warmup: int) -> tuple[float, float]:
+        """Mean (wall, cpu) seconds per step after ``warmup`` steps."""
+        (w0, c0), (w1, c1) = self.stamps[warmup], self.stamps[-1]
+        n = len(self.stamps) - 1 - warmup
+        return (w1 - w0) / n, (c1 - c0) / n
+
+
+def timed_hook(monitor: ExpertUsageMonitor) -> list[float]:
+    """Wrap the monitor's ``on_train_batch_end`` (Lightning looks hooks up on the instance); returns the times."""
+    times: list[float] = []
+    hook = monitor.on_train_batch_end
+
+    def wrapper(*args, **kwargs) -> None:
+        t = time.perf_counter()
+        hook(*args, **kwargs)
+        times.append(time.perf_counter() - t)
+
+    monitor.on_train_batch_end = wrapper
+    return times
+
+
+def image_round_seconds(monitor: ExpertUsageMonitor, log_dir: str) -> float:
+    """One image round (all heatmaps + the summary, rendered and written) on the monitor's (reset) metric."""
+    writer = TensorBoardLogger(log_dir, name="images").experiment
+    result = {k: v.cpu() for k, v in monitor.metric.compute().items()}
+    t = time.perf_counter()
+    for tag, fig in monitor.figures(result).items():
+        writer.add_figure(tag, fig, 0, close=False)
+    writer.flush()
+    return time.perf_counter() - t
+
+
+def run(
+    batches: list[dict], conf: tuple, steps: int, monitor: ExpertUsageMonitor | None, log_dir: str
+) -> StepTimer:
+    L.seed_everything(0, verbose=False)
+    arch, router, optim = conf
+    module = EMOLitModule(arch=arch, router=router, optim=optim)
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu", precision="32-true", max_steps=steps, logger=TensorBoardLogger(log_dir, name="bench"),
+        log_every_n_steps=10, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+        limit_val_batches=0, gradient_clip_val=1.0, callbacks=[timer] + ([monitor] if monitor else []),
+    )  # fmt: skip
+    trainer.fit(module, datamodule=Batches(batches))
+    return timer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="emo_tiny", help="conf/model/<name>.yaml")
+    p.add_argument("--router", choices=["emo", "standard"], default=None, help="override the router kind")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--doc-len", type=float, default=150.0, help="median document length (tokens)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (monitor logs every 50)")
+    p.add_argument("--warmup", type=int, default=10, help="first steps of each run left out")
+    p.add_argument("--pairs", type=int, default=3, help="A/B pairs")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--image-every", type=int, default=None, help="monitor image interval (default: its own)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "expert_usage_overhead.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    arch, router, optim = load_model_conf(args.model)
+    if args.router:
+        router = RouterConfig(**{**router.__dict__, "kind": args.router})
+    arch = ArchConfig(**{**arch.__dict__, "max_seq_len": max(arch.max_seq_len, args.seq)})
+    batches = synthetic_batches(64, args.batch, args.seq, arch.vocab_size, args.doc_len)
+    conf = (arch, router, optim)
+    base, mon, hook_ms, image_s = [], [], [], []  # base / mon: (wall, cpu) seconds per step
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in range(args.pairs):
+            base.append(run(batches, conf, args.steps, None, tmp).mean_step(args.warmup))
+            monitor = ExpertUsageMonitor(image_every_n_steps=args.image_every)
+            hook = timed_hook(monitor)
+            mon.append(run(batches, conf, args.steps, monitor, tmp).mean_step(args.warmup))
+            hook_ms.append(1e3 * statistics.fmean(hook[args.warmup :]))
+            image_s.append(image_round_seconds(monitor, tmp))
+            print(
+                f"pair {pair}: wall off {1e3 * base[-1][0]:.1f} / on {1e3 * mon[-1][0]:.1f} ms/step "
+                f"(ratio {mon[-1][0] / base[-1][0]:.4f}); cpu off {1e3 * base[-1][1]:.1f} / on "
+                f"{1e3 * mon[-1][1]:.1f} ms/step (ratio {mon[-1][1] / base[-1][1]:.4f}); "
+                f"monitor hook {hook_ms[-1]:.2f} ms/step, image round {image_s[-1]:.2f} s",
+                flush=True,
+            )
+    wall_ratios = [m[0] / b[0] for m, b in zip(mon, base, strict=True)]
+    cpu_ratios = [m[1] / b[1] for m, b in zip(mon, base, strict=True)]
+    base_wall = statistics.median(b[0] for b in base)
+    result = {
+        "model": args.model,
+        "router": router.kind,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "log_every_n_steps": monitor.log_every_n_steps,
+        "image_every_n_steps": monitor.image_every_n_steps,
+        "wall_ms_per_step_off": [round(1e3 * b[0], 2) for b in base],
+        "wall_ms_per_step_on": [round(1e3 * m[0], 2) for m in mon],
+        "cpu_ms_per_step_off": [round(1e3 * b[1], 2) for b in base],
+        "cpu_ms_per_step_on": [round(1e3 * m[1], 2) for m in mon],
+        "wall_ratios": [round(r, 4) for r in wall_ratios],
+        "cpu_ratios": [round(r, 4) for r in cpu_ratios],
+        "median_wall_ratio": round(statistics.median(wall_ratios), 4),
+        "median_cpu_ratio": round(statistics.median(cpu_ratios), 4),
+        "monitor_hook_ms_per_step": [round(t, 3) for t in hook_ms],
+        "image_round_s": [round(t, 3) for t in image_s],
+        # hook + amortised images, relative to the baseline step: the overhead without the run-to-run noise
+        "hook_plus_images_fraction": round(
+            (statistics.median(hook_ms) / 1e3 + statistics.median(image_s) / monitor.image_every_n_steps)
+            / base_wall,
+            5,
+        ),
+        "loadavg_at_end": os.getloadavg(),
+    }
+    print(json.dumps(result, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
