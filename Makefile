@@ -94,3 +94,20 @@ smoke-distributed: install data
 	$(BIN)/python -m emo_lightning.parallel.checkpoint $(SMOKE)/checkpoints/last.ckpt $(SMOKE)/consolidated.ckpt \
 		--expect-step 7
 	@echo "smoke-distributed: OK"
+
+# Modularity report (emo-experts): the tiny EMO and standard-MoE runs (trained by `make train` /
+# `make train-baseline` unless their checkpoints exist), expert subsets chosen from 1 and 8 documents per
+# domain of the bundled val split, evaluated on 50 others. Writes $(MODULARITY_OUT)/report.md, report.json, *.png.
+.PHONY: modularity
+MODULARITY_OUT ?= runs/modularity
+EMO_CKPT ?= runs/emo_tiny/checkpoints/last.ckpt
+STDMOE_CKPT ?= runs/stdmoe_tiny/checkpoints/last.ckpt
+
+$(EMO_CKPT):
+	$(MAKE) train
+$(STDMOE_CKPT):
+	$(MAKE) train-baseline
+
+modularity: install $(EMO_CKPT) $(STDMOE_CKPT)
+	$(BIN)/emo-experts report --emo $(EMO_CKPT) --baseline $(STDMOE_CKPT) --data $(CORPUS)/val \
+		--keep 0.0625,0.125,0.25,0.5,1 --shots 1,8 --calib-docs 8 --eval-docs 50 --out $(MODULARITY_OUT)

@@ -8,7 +8,7 @@ the kept experts. No Lightning import: the configs are plain dataclasses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,8 @@ def save_checkpoint(
     ``source`` is the original checkpoint dict (its Lightning version, epoch and step are kept; optimizer
     states are not: a pruned checkpoint is for evaluation and inference).
     """
-    hp = {**hparams, "router": model.cfg.router, "arch": model.cfg.arch}
+    # plain dicts, as LightningCLI writes them (also accepted by EMOLitModule.load_from_checkpoint)
+    hp = {**hparams, "arch": asdict(model.cfg.arch), "router": asdict(model.cfg.router)}
     ckpt = {
         "epoch": source.get("epoch", 0),
         "global_step": source.get("global_step", 0),
