@@ -42,6 +42,10 @@ class CheckpointDirError(OSError):
     """The checkpoint folder cannot hold checkpoints (not creatable, not writable, too little space)."""
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is incomplete (truncated) or damaged (bad CRC)."""
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint's weights do not fit the current model (other shapes or parameter names)."""
 
@@ -115,13 +119,24 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(err, OSError):
+        cause = _os_error(err)
+        if cause is not None:  # torch.save reports a failed write as RuntimeError, the OSError as its context
             raise CheckpointWriteError(
-                f"cannot write checkpoint {path}: {err.strerror or err}; the partial file was removed, "
+                f"cannot write checkpoint {path}: {cause.strerror or cause}; the partial file was removed, "
                 "the previous checkpoint is unchanged"
             ) from err
         raise
     _fsync_dir(directory)
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The first ``OSError`` in an exception's context chain (``None`` if there is none)."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
@@ -152,7 +167,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         if "://" not in str(path) and Path(path).is_file() and not is_complete_checkpoint(path):
-            raise CheckpointWriteError(f"checkpoint {path} is incomplete or corrupt (truncated or bad CRC)")
+            raise CorruptCheckpointError(f"checkpoint {path} is incomplete or corrupt (truncated or bad CRC)")
         kwargs: dict[str, Any] = {"weights_only": weights_only}
         if map_location is not None:
             kwargs["map_location"] = map_location

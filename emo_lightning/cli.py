@@ -16,6 +16,7 @@ from emo_lightning.checkpointing import (
     CheckpointDirError,
     CheckpointMismatchError,
     CheckpointWriteError,
+    CorruptCheckpointError,
     preflight_checkpoint_dir,
 )
 from emo_lightning.data import ShardDataModule
@@ -91,6 +92,7 @@ _CLEAN_ERRORS = (
     CheckpointDirError,
     CheckpointMismatchError,
     CheckpointWriteError,
+    CorruptCheckpointError,
     NonFiniteLossError,
     ShardFailureError,
 )
