@@ -176,10 +176,14 @@ class PackedShardDataset(IterableDataset):
 
     def _shard_failed(self, url: str, reason: str) -> None:
         """Skip a shard that cannot be read: warn, count, and stop when too many shards have failed."""
+        reason = reason.removeprefix(f"{url}: ")
+        first = url not in self.bad_shards
         self.bad_shards[url] = reason
-        self._skips["skipped_shards"] += 1
+        self._skips["skipped_shards"] += 1  # every failed read (a resampled bad shard fails again)
         n, total = len(self.bad_shards), len(self.urls)
-        log.warning("skipping shard %s: %s (%d of %d shards failed so far)", url, reason, n, total)
+        (log.warning if first else log.debug)(
+            "skipping shard %s: %s (%d of %d shards failed so far)", url, reason, n, total
+        )
         if n > self.max_bad_shard_fraction * total:
             listed = "; ".join(f"{u}: {r}" for u, r in list(self.bad_shards.items())[:5])
             raise ShardFailureError(
@@ -277,7 +281,11 @@ class PackedShardDataset(IterableDataset):
         )
 
     def _replacement_docs(self, worker: int, chunk: int) -> Iterator[tuple[np.ndarray, int]]:
-        """After shard failures: documents of shards drawn by (seed, rank, worker, chunk, 2), known-bad skipped."""
+        """After shard failures: documents of shards drawn by (seed, rank, worker, chunk, 2).
+
+        Known-bad shards are read again (and fail at the same place): a resumed worker, which has not met them
+        yet, then sees exactly the documents the uninterrupted one saw.
+        """
         assert self.shard_tokens is not None
         if not self.bad_shards:
             return
@@ -285,8 +293,7 @@ class PackedShardDataset(IterableDataset):
         rng = np.random.default_rng([self.seed, self.rank, worker, chunk, 2])
         for _ in range(100 * len(self.urls)):
             i = int(rng.choice(len(tokens), p=tokens / tokens.sum()))
-            if self.urls[i] not in self.bad_shards:
-                yield from self._docs(self.urls[i], self.shard_tokens[i])
+            yield from self._docs(self.urls[i], self.shard_tokens[i])
 
     def _shuffled_docs(self, worker: int, chunk: int, picks: list[int]) -> Iterator[tuple[np.ndarray, int]]:
         """The chunk's documents through a shuffle buffer seeded by (seed, rank, worker, chunk)."""
