@@ -132,6 +132,13 @@ def _model_part(
     return res
 
 
+def _part_key(lm: LoadedModel, data: str | Path, cfg: ReportConfig) -> dict[str, Any]:
+    """What a model's measurements depend on: its checkpoint file, the data and the configuration."""
+    st = Path(lm.path).stat()
+    return {"checkpoint": str(Path(lm.path).resolve()), "size": st.st_size, "mtime": st.st_mtime,
+            "data": str(Path(data).resolve()), "config": asdict(cfg)}  # fmt: skip
+
+
 def summarise(part: dict[str, Any], shots: Sequence[int]) -> dict[str, dict[str, float]]:
     """Mean relative rise over domains per keep fraction: ``{keep: {shots_s, random}}``."""
     out: dict[str, dict[str, float]] = {}
@@ -151,7 +158,11 @@ def run_report(
     tokenizer: str | Path = "data/tokenizer.json",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run every measurement, write ``report.json``, ``report.md`` and the plots into ``out``."""
+    """Run every measurement, write ``report.json``, ``report.md`` and the plots into ``out``.
+
+    Each model's measurements are cached in ``out/part_<name>.json`` (reused while its checkpoint, the data
+    and the configuration are unchanged).
+    """
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,26 +182,30 @@ def run_report(
         "domains": {d: {"calibration": [x.id for x in calib[d]], "eval_docs": len(evals[d])} for d in evals},
         "models": {},
     }
+    all_eval = [d for group in evals.values() for d in group]
     with tqdm(total=steps, desc="report", unit="subset", disable=not progress) as bar:
         for name, lm in models.items():
-            report["models"][name] = _model_part(name, lm, calib, evals, cfg, tok.pad_id, bar)
-            report["models"][name]["summary"] = summarise(report["models"][name], cfg.shots)
-    all_eval = [d for group in evals.values() for d in group]
-    for name, lm in tqdm(models.items(), desc="clustering", disable=not progress):
-        seq = min(cfg.seq_len, lm.config.arch.max_seq_len)
-        feats, index, ids = router_features(
-            lm.model, pack_documents(all_eval, seq, cfg.batch_size, tok.pad_id)
-        )
-        labels = np.asarray([all_eval[i].domain for i in index])
-        report["models"][name]["clustering"] = cluster_tokens(
-            feats,
-            labels,
-            cfg.clusters,
-            max_tokens=cfg.cluster_tokens,
-            seed=cfg.seed,
-            token_ids=ids,
-            decode=tok.decode,
-        )
+            key = _part_key(lm, data, cfg)
+            cache = out / f"part_{name}.json"
+            if (
+                cache.exists() and json.loads(cache.read_text()).get("key") == key
+            ):  # same checkpoint and config
+                report["models"][name] = json.loads(cache.read_text())["part"]
+                bar.update(steps // len(models))
+                continue
+            part = _model_part(name, lm, calib, evals, cfg, tok.pad_id, bar)
+            part["summary"] = summarise(part, cfg.shots)
+            seq = min(cfg.seq_len, lm.config.arch.max_seq_len)
+            feats, index, ids = router_features(
+                lm.model, pack_documents(all_eval, seq, cfg.batch_size, tok.pad_id)
+            )
+            labels = np.asarray([all_eval[i].domain for i in index])
+            part["clustering"] = cluster_tokens(
+                feats, labels, cfg.clusters, max_tokens=cfg.cluster_tokens, seed=cfg.seed, token_ids=ids,
+                decode=tok.decode,
+            )  # fmt: skip
+            cache.write_text(json.dumps({"key": key, "part": part}))
+            report["models"][name] = part
     report["machine"] = {
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),

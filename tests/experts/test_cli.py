@@ -125,5 +125,13 @@ def test_report(tmp_path: Path, jsonl: Path) -> None:
     assert 0.0 <= report["models"]["standard"]["clustering"]["nmi"] <= 1.0
     assert (out / "loss_vs_keep.png").stat().st_size > 0 and (out / "mean_rise.png").exists()
     assert "Mean relative loss rise" in (out / "report.md").read_text()
+    # a second run reuses each model's cached measurements
+    stamp = (out / "part_emo.json").stat().st_mtime_ns
+    from emo_lightning.experts.report import ReportConfig, run_report
+
+    cfg = ReportConfig(**{**report["config"]})
+    again = run_report(emo, std, jsonl, out, cfg, TOKENIZER, progress=False)
+    assert (out / "part_emo.json").stat().st_mtime_ns == stamp
+    assert again["models"]["emo"]["summary"] == report["models"]["emo"]["summary"]
     sizes = report["models"]["emo"]["pruned_params"]
     assert sizes["0.25"]["routed_experts"] * 8 == sizes["1"]["routed_experts"]
