@@ -57,7 +57,7 @@ train: install data
 	$(BIN)/emo fit --config $(CONFIG) $(SCALE_ARGS) $(ARGS)
 
 train-baseline: install data
-	$(BIN)/emo fit --config $(BASELINE_CONFIG) $(ARGS)
+	$(BIN)/emo fit --config $(BASELINE_CONFIG) $(SCALE_ARGS) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
