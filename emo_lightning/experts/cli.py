@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-prefix", type=int, default=64, help="causal-pool demo: prefix tokens N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (report.md, report.json, *.png)")
+    p.add_argument(
+        "--only",
+        choices=["emo", "standard"],
+        default=None,
+        help="measure and cache one model only (out/part_<name>.json, reused by a later full run); no report",
+    )
     _common(p)
     return parser
 
@@ -250,9 +256,12 @@ def cmd_report(args: argparse.Namespace) -> None:
     if max(cfg.shots) > cfg.n_calib:
         raise ValueError(f"--shots {max(cfg.shots)} exceeds --calib-docs {cfg.n_calib}")
     run_report(
-        args.emo, args.baseline, args.data, args.out, cfg, args.tokenizer, progress=not args.no_progress
+        args.emo, args.baseline, args.data, args.out, cfg, args.tokenizer, not args.no_progress, args.only
     )
-    print((Path(args.out) / "report.md").read_text())
+    if args.only:
+        print(f"cached the {args.only} measurements in {Path(args.out) / f'part_{args.only}.json'}")
+    else:
+        print((Path(args.out) / "report.md").read_text())
 
 
 COMMANDS = {

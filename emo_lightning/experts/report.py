@@ -157,11 +157,13 @@ def run_report(
     cfg: ReportConfig,
     tokenizer: str | Path = "data/tokenizer.json",
     progress: bool = True,
+    only: str | None = None,
 ) -> dict[str, Any]:
     """Run every measurement, write ``report.json``, ``report.md`` and the plots into ``out``.
 
     Each model's measurements are cached in ``out/part_<name>.json`` (reused while its checkpoint, the data
-    and the configuration are unchanged).
+    and the configuration are unchanged). ``only="emo"`` (or ``"standard"``) measures and caches that model
+    alone and writes no report (e.g. while the other model is still training).
     """
     start = time.perf_counter()
     out = Path(out)
@@ -169,11 +171,15 @@ def run_report(
     tok = DocumentTokenizer(tokenizer)
     docs = load_documents(data, tok)
     calib, evals = split_documents(docs, cfg.n_calib, cfg.n_eval, cfg.seed)
-    models = {"emo": load_model(emo), "standard": load_model(baseline)}
+    paths = {"emo": emo, "standard": baseline}
+    if only is not None and only not in paths:
+        raise ValueError(f"only must be 'emo' or 'standard', got {only!r}")
+    models = {name: load_model(p) for name, p in paths.items() if only in (None, name)}
     n_keep = sum(
         1
         for k in cfg.keep
-        if parse_keep(k, models["emo"].config.router) < models["emo"].config.router.num_experts
+        if parse_keep(k, next(iter(models.values())).config.router)
+        < next(iter(models.values())).config.router.num_experts
     )
     steps = len(models) * len(evals) * n_keep * (len(cfg.shots) + cfg.random_seeds)
     report: dict[str, Any] = {
@@ -206,6 +212,8 @@ def run_report(
             )  # fmt: skip
             cache.write_text(json.dumps({"key": key, "part": part}))
             report["models"][name] = part
+    if only is not None:
+        return report
     report["machine"] = {
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),

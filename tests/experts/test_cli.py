@@ -114,6 +114,11 @@ def test_report(tmp_path: Path, jsonl: Path) -> None:
     emo = write_checkpoint(tiny_model(), tmp_path / "emo.ckpt")
     std = write_checkpoint(tiny_model("standard", seed=1), tmp_path / "std.ckpt")
     out = tmp_path / "report"
+    common = ["--keep", "0.25,1", "--shots", "1,2", "--calib-docs", "2", "--eval-docs", "1", "--random-seeds", "2",
+              "--clusters", "3", "--pool-prefix", "4", "--out", str(out), "--tokenizer", str(TOKENIZER)]  # fmt: skip
+    _run("report", "--emo", str(emo), "--baseline", str(std), "--data", str(jsonl), "--only", "emo", *common)
+    assert (out / "part_emo.json").exists() and not (out / "report.md").exists()
+    stamp = (out / "part_emo.json").stat().st_mtime_ns
     _run(
         "report", "--emo", str(emo), "--baseline", str(std), "--data", str(jsonl), "--keep", "0.25,1",
         "--shots", "1,2", "--calib-docs", "2", "--eval-docs", "1", "--random-seeds", "2", "--clusters", "3",
@@ -125,8 +130,8 @@ def test_report(tmp_path: Path, jsonl: Path) -> None:
     assert 0.0 <= report["models"]["standard"]["clustering"]["nmi"] <= 1.0
     assert (out / "loss_vs_keep.png").stat().st_size > 0 and (out / "mean_rise.png").exists()
     assert "Mean relative loss rise" in (out / "report.md").read_text()
-    # a second run reuses each model's cached measurements
-    stamp = (out / "part_emo.json").stat().st_mtime_ns
+    # later runs reuse each model's cached measurements
+    assert (out / "part_emo.json").stat().st_mtime_ns == stamp
     from emo_lightning.experts.report import ReportConfig, run_report
 
     cfg = ReportConfig(**{**report["config"]})
