@@ -58,15 +58,25 @@ def pool_bias(probs: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int) -> 
     Returns (N,E') in probs' dtype. (Added to the logits: its backward is free, unlike masked_fill's.)
     """
     n, e = probs.shape
+    dev = probs.device
     max_pool = min(max_pool, e)
-    pref = torch.zeros(n, e, dtype=probs.dtype, device=probs.device).index_add_(0, seg, probs)  # (N,E')
+    # Compact the flat segment ids to 0..G-1 (same order) so that only real segments are ranked. On CPU the
+    # count G is read for free (no device); elsewhere the static bound N is kept (no host synchronisation).
+    present = torch.zeros(n, dtype=torch.long, device=dev).index_fill_(0, seg, 1)  # (N,) flat id used
+    rank = present.cumsum(0) - 1  # (N,) compact id of every used flat id
+    seg_c = rank.index_select(0, seg)  # (N,) compact segment of every token
+    g = int(rank[-1]) + 1 if dev.type == "cpu" else n
+    # same accumulation order per segment as before compaction: bitwise identical preferences
+    pref = torch.zeros(g, e, dtype=probs.dtype, device=dev).index_add_(0, seg_c, probs)  # (G,E')
+    flat_of = torch.zeros(g, dtype=torch.long, device=dev).scatter_(0, seg_c, seg)  # (G,) flat id of row
+    sizes = pool_sizes.index_select(0, flat_of)  # (G,)
     # full ranking: argsort is faster than topk on CPU for these short rows, and exact under ties
-    top = pref.argsort(dim=-1, descending=True)[:, :max_pool]  # (N,Pmax) best first
-    keep = torch.arange(max_pool, device=probs.device) < pool_sizes.unsqueeze(1)  # (N,Pmax)
-    neg_inf = torch.full((), float("-inf"), dtype=probs.dtype, device=probs.device)
-    src = torch.where(keep, torch.zeros((), dtype=probs.dtype, device=probs.device), neg_inf)  # (N,Pmax)
-    seg_bias = torch.full((n, e), float("-inf"), dtype=probs.dtype, device=probs.device).scatter_(1, top, src)
-    return seg_bias.index_select(0, seg)  # (N,E')
+    top = pref.argsort(dim=-1, descending=True)[:, :max_pool]  # (G,Pmax) best first
+    keep = torch.arange(max_pool, device=dev) < sizes.unsqueeze(1)  # (G,Pmax)
+    neg_inf = torch.full((), float("-inf"), dtype=probs.dtype, device=dev)
+    src = torch.where(keep, torch.zeros((), dtype=probs.dtype, device=dev), neg_inf)  # (G,Pmax)
+    seg_bias = torch.full((g, e), float("-inf"), dtype=probs.dtype, device=dev).scatter_(1, top, src)
+    return seg_bias.index_select(0, seg_c)  # (N,E')
 
 
 def pool_mask(probs: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int) -> Tensor:
