@@ -5,9 +5,10 @@ alternate A/B/A/B so that load from other processes hits both alike. Step time =
 ``on_train_batch_start`` calls (so the monitor's ``on_train_batch_end`` work, its window logging and its images are
 included), averaged over each run after a warm-up, in wall time and in process CPU time. Ratios are taken per A/B
 pair; the median pair is reported.
-Two low-noise cross-checks are reported as well: the time spent inside the monitor's ``on_train_batch_end`` per
-step (its accumulation and window logging), and the image round (figures + ``add_figure``) amortised over its
-interval (runs shorter than the image interval never draw one).
+A low-noise cross-check is reported as well, all in CPU time: the time spent inside the monitor's
+``on_train_batch_end`` per step (accumulation and window logging), the image round (figures + ``add_figure``)
+amortised over its interval (runs shorter than the image interval never draw one), and the forward cost of the
+routes (min over interleaved repeats), over the baseline step.
 
 Batches are synthetic but follow the batch contract: packed documents of log-normal length (median
 ``--doc-len``), each of one of 8 domains, tokens drawn from a per-domain vocabulary slice.
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from emo_lightning.callbacks import ExpertUsageMonitor
 from emo_lightning.lit_module import EMOLitModule
-from emo_lightning.model import ArchConfig, RouterConfig
+from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterConfig
 from emo_lightning.optim import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,15 +111,34 @@ class StepTimer(L.Callback):
         return (w1 - w0) / n, (c1 - c0) / n
 
 
+def forward_cpu_seconds(conf: tuple, batch: dict, repeats: int) -> tuple[float, float]:
+    """Min CPU seconds of a training-mode forward without / with the monitor's routes (interleaved repeats).
+
+    The only model-side cost of the monitor (``return_routes=True, route_probs=False``: expert ids with the
+    shared experts appended, and the per-segment pool mask); it has no backward.
+    """
+    arch, router, _ = conf
+    torch.manual_seed(0)
+    model = EMOTransformer(ModelConfig(arch, router)).train()
+    times: dict[bool, list[float]] = {False: [], True: []}
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first round warms up
+            for routes in (False, True):
+                t = time.process_time()
+                model(batch["input_ids"], batch["doc_ids"], return_routes=routes, route_probs=False)
+                times[routes].append(time.process_time() - t)
+    return min(times[False][1:]), min(times[True][1:])
+
+
 def timed_hook(monitor: ExpertUsageMonitor) -> list[float]:
     """Wrap the monitor's ``on_train_batch_end`` (Lightning looks hooks up on the instance); returns the times."""
     times: list[float] = []
     hook = monitor.on_train_batch_end
 
     def wrapper(*args, **kwargs) -> None:
-        t = time.perf_counter()
+        t = time.process_time()
         hook(*args, **kwargs)
-        times.append(time.perf_counter() - t)
+        times.append(time.process_time() - t)
 
     monitor.on_train_batch_end = wrapper
     return times
@@ -128,11 +148,11 @@ def image_round_seconds(monitor: ExpertUsageMonitor, log_dir: str) -> float:
     """One image round (all heatmaps + the summary, rendered and written) on the monitor's (reset) metric."""
     writer = TensorBoardLogger(log_dir, name="images").experiment
     result = {k: v.cpu() for k, v in monitor.metric.compute().items()}
-    t = time.perf_counter()
+    t = time.process_time()
     for tag, fig in monitor.figures(result).items():
         writer.add_figure(tag, fig, 0, close=False)
     writer.flush()
-    return time.perf_counter() - t
+    return time.process_time() - t
 
 
 def run(
@@ -162,6 +182,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10, help="first steps of each run left out")
     p.add_argument("--pairs", type=int, default=3, help="A/B pairs")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--forward-repeats", type=int, default=10, help="repeats of the forward-only cost check")
     p.add_argument("--image-every", type=int, default=None, help="monitor image interval (default: its own)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "expert_usage_overhead.json"))
     args = p.parse_args()
@@ -186,12 +207,14 @@ def main() -> None:
                 f"pair {pair}: wall off {1e3 * base[-1][0]:.1f} / on {1e3 * mon[-1][0]:.1f} ms/step "
                 f"(ratio {mon[-1][0] / base[-1][0]:.4f}); cpu off {1e3 * base[-1][1]:.1f} / on "
                 f"{1e3 * mon[-1][1]:.1f} ms/step (ratio {mon[-1][1] / base[-1][1]:.4f}); "
-                f"monitor hook {hook_ms[-1]:.2f} ms/step, image round {image_s[-1]:.2f} s",
+                f"monitor hook {hook_ms[-1]:.2f} ms/step (cpu), image round {image_s[-1]:.2f} s (cpu)",
                 flush=True,
             )
     wall_ratios = [m[0] / b[0] for m, b in zip(mon, base, strict=True)]
     cpu_ratios = [m[1] / b[1] for m, b in zip(mon, base, strict=True)]
-    base_wall = statistics.median(b[0] for b in base)
+    base_cpu = statistics.median(b[1] for b in base)
+    fwd_off, fwd_on = forward_cpu_seconds(conf, batches[0], args.forward_repeats)
+    hook_s, img_s = statistics.median(hook_ms) / 1e3, statistics.median(image_s)
     result = {
         "model": args.model,
         "router": router.kind,
@@ -212,11 +235,12 @@ def main() -> None:
         "median_cpu_ratio": round(statistics.median(cpu_ratios), 4),
         "monitor_hook_ms_per_step": [round(t, 3) for t in hook_ms],
         "image_round_s": [round(t, 3) for t in image_s],
-        # hook + amortised images, relative to the baseline step: the overhead without the run-to-run noise
-        "hook_plus_images_fraction": round(
-            (statistics.median(hook_ms) / 1e3 + statistics.median(image_s) / monitor.image_every_n_steps)
-            / base_wall,
-            5,
+        "forward_cpu_ms_off_min": round(1e3 * fwd_off, 2),
+        "forward_cpu_ms_routes_min": round(1e3 * fwd_on, 2),
+        # hook + amortised images + the routes' forward cost over the baseline step (CPU time): the overhead
+        # without the run-to-run noise of the A/B ratios
+        "component_overhead_fraction": round(
+            (hook_s + img_s / monitor.image_every_n_steps + max(fwd_on - fwd_off, 0.0)) / base_cpu, 5
         ),
         "loadavg_at_end": os.getloadavg(),
     }

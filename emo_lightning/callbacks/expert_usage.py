@@ -100,6 +100,10 @@ class ExpertUsageMonitor(L.Callback):
             return
         n_layers = config.arch.n_layers
         self.layers = list(range(n_layers)) if self.layers is None else self.layers
+        if not self.layers or not all(0 <= i < n_layers for i in self.layers):
+            raise ValueError(
+                f"ExpertUsageMonitor layers={self.layers}: the model has layers 0..{n_layers - 1}"
+            )
         if self.heatmap_layers is None:
             picks = (self.layers[0], self.layers[len(self.layers) // 2], self.layers[-1])
             self.heatmap_layers = sorted(set(picks))
