@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, noisier numbers)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = ap.parse_args(argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
-    unknown = [n for n in names if n not in BENCHMARKS]
+    only = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in only if n not in BENCHMARKS]
     if unknown:
         ap.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    names = [n for n in BENCHMARKS if not only or n in only]  # suite order: data_loader after train_step
 
     dev = device()
     torch.manual_seed(0)

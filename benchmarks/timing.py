@@ -222,3 +222,31 @@ class Row:
             )
         met = {True: "met", False: "MISSED", None: ""}[self.met]
         return [self.benchmark, self.comparison, v, self.target, met, self.note]
+
+
+def profile_ops(fn: Callable[[], object], steps: int = 3, top: int = 8) -> list[dict[str, object]]:
+    """torch.profiler breakdown of ``fn``: the ``top`` ops by self time (host time; CPU ops on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    fn()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+    avg = prof.key_averages()
+    on_gpu = torch.cuda.is_available()
+
+    def self_us(e: object) -> float:
+        return float(getattr(e, "self_device_time_total" if on_gpu else "self_cpu_time_total", 0.0))
+
+    total = sum(self_us(e) for e in avg) or 1.0
+    ranked = sorted(avg, key=self_us, reverse=True)[:top]
+    return [
+        {
+            "op": e.key,
+            "share": round(self_us(e) / total, 3),
+            "ms_per_step": round(self_us(e) / 1e3 / steps, 2),
+            "calls_per_step": round(e.count / steps, 1),
+        }
+        for e in ranked
+    ]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from benchmarks.timing import Row, measure, num_threads, peak_memory
+from benchmarks.timing import Row, measure, num_threads, peak_memory, profile_ops
 from emo_lightning.model import ArchConfig, EMOTransformer, GlobalLoadBalance, ModelConfig, RouterConfig
 from emo_lightning.model.router import RouterOutput
 from emo_lightning.optim import OptimConfig, build_optimizer
@@ -150,6 +150,7 @@ def run(quick: bool = False, dev: torch.device | None = None) -> tuple[list[Row]
         with num_threads(threads):
             t = measure(steps, warmup=warmup, repeats=repeats, dev=dev)
             mem = {k: peak_memory(f, dev) for k, f in steps.items()}
+            details["profile_emo"] = profile_ops(steps["emo"], steps=2, top=10)
         med = {k: t.stats(k).median for k in t.times}
         tps = {k: tokens / v for k, v in med.items()}
         details["threads"][threads] = {
