@@ -1,10 +1,11 @@
 """Training step time with and without ``ExpertUsageMonitor`` on the tiny default model (conf/model/emo_tiny.yaml).
 
-Both variants are real ``Trainer.fit`` runs (same seed, same synthetic batches, same TensorBoard logger); they
-alternate A/B/A/B so that load from other processes hits both alike. Step time = time between consecutive
-``on_train_batch_start`` calls (so the monitor's ``on_train_batch_end`` work, its window logging and its images are
-included), averaged over each run after a warm-up, in wall time and in process CPU time. Ratios are taken per A/B
-pair; the median pair is reported.
+Both variants are real ``Trainer.fit`` runs (same seed, same synthetic batches, same TensorBoard logger),
+alternating A/B, B/A, ... so that load from other processes and order effects hit both alike. Step time = time
+between consecutive ``on_train_batch_start`` calls (so the monitor's ``on_train_batch_end`` work, its window
+logging and its images are included), averaged over each run after a warm-up, in wall time and in process CPU
+time. Ratios are taken per pair; the median pair is reported.
+
 A low-noise cross-check is reported as well, all in CPU time: the time spent inside the monitor's
 ``on_train_batch_end`` per step (accumulation and window logging), the image round (figures + ``add_figure``)
 amortised over its interval (runs shorter than the image interval never draw one), and the forward cost of the
@@ -197,10 +198,11 @@ def main() -> None:
     base, mon, hook_ms, image_s = [], [], [], []  # base / mon: (wall, cpu) seconds per step
     with tempfile.TemporaryDirectory() as tmp:
         for pair in range(args.pairs):
-            base.append(run(batches, conf, args.steps, None, tmp).mean_step(args.warmup))
             monitor = ExpertUsageMonitor(image_every_n_steps=args.image_every)
             hook = timed_hook(monitor)
-            mon.append(run(batches, conf, args.steps, monitor, tmp).mean_step(args.warmup))
+            for on in (False, True) if pair % 2 == 0 else (True, False):  # A B, B A, ...: no order bias
+                timer = run(batches, conf, args.steps, monitor if on else None, tmp)
+                (mon if on else base).append(timer.mean_step(args.warmup))
             hook_ms.append(1e3 * statistics.fmean(hook[args.warmup :]))
             image_s.append(image_round_seconds(monitor, tmp))
             print(
