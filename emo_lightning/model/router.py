@@ -8,9 +8,11 @@ so the number of documents never needs to be known on the host):
 
     z    = h @ W^T (fp32)                       (N,E')
     q    = softmax(z).detach()                  (N,E')  unmasked, no gradient through the pool choice
-    pref = zeros(N,E').index_add_(0, seg, q)    (N,E')  summed preference per segment
-    P    ~ UniformInt[pool_min, pool_max]       (N,)    per segment, seeded generator; pool_eval in eval mode
-    bias = 0 on the top-P of each pref row, -inf elsewhere, gathered back to tokens by seg   (N,E')
+    c    = compact id of seg in 0..G-1          (N,)    only the G segments present are ranked (G read on CPU,
+                                                        bound N elsewhere: no host synchronisation)
+    pref = zeros(G,E').index_add_(0, c, q)      (G,E')  summed preference per segment
+    P    ~ UniformInt[pool_min, pool_max]       (N,)    per flat segment id, seeded generator; pool_eval in eval
+    bias = 0 on the top-P of each pref row, -inf elsewhere, gathered back to tokens by c   (N,E')
     s    = softmax(z + bias)                    (N,E')  0 outside the pool, sums to 1 inside
     w, idx = topk(s, k')                        (N,k')  not renormalised
 """
