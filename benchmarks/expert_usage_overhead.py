@@ -172,50 +172,21 @@ def run(
     return timer
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="emo_tiny", help="conf/model/<name>.yaml")
-    p.add_argument("--router", choices=["emo", "standard"], default=None, help="override the router kind")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--doc-len", type=float, default=150.0, help="median document length (tokens)")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (monitor logs every 50)")
-    p.add_argument("--warmup", type=int, default=10, help="first steps of each run left out")
-    p.add_argument("--pairs", type=int, default=3, help="A/B pairs")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--forward-repeats", type=int, default=10, help="repeats of the forward-only cost check")
-    p.add_argument("--image-every", type=int, default=None, help="monitor image interval (default: its own)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "expert_usage_overhead.json"))
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-
-    arch, router, optim = load_model_conf(args.model)
-    if args.router:
-        router = RouterConfig(**{**router.__dict__, "kind": args.router})
-    arch = ArchConfig(**{**arch.__dict__, "max_seq_len": max(arch.max_seq_len, args.seq)})
-    batches = synthetic_batches(64, args.batch, args.seq, arch.vocab_size, args.doc_len)
-    conf = (arch, router, optim)
-    base, mon, hook_ms, image_s = [], [], [], []  # base / mon: (wall, cpu) seconds per step
-    with tempfile.TemporaryDirectory() as tmp:
-        for pair in range(args.pairs):
-            monitor = ExpertUsageMonitor(image_every_n_steps=args.image_every)
-            hook = timed_hook(monitor)
-            for on in (False, True) if pair % 2 == 0 else (True, False):  # A B, B A, ...: no order bias
-                timer = run(batches, conf, args.steps, monitor if on else None, tmp)
-                (mon if on else base).append(timer.mean_step(args.warmup))
-            hook_ms.append(1e3 * statistics.fmean(hook[args.warmup :]))
-            image_s.append(image_round_seconds(monitor, tmp))
-            print(
-                f"pair {pair}: wall off {1e3 * base[-1][0]:.1f} / on {1e3 * mon[-1][0]:.1f} ms/step "
-                f"(ratio {mon[-1][0] / base[-1][0]:.4f}); cpu off {1e3 * base[-1][1]:.1f} / on "
-                f"{1e3 * mon[-1][1]:.1f} ms/step (ratio {mon[-1][1] / base[-1][1]:.4f}); "
-                f"monitor hook {hook_ms[-1]:.2f} ms/step (cpu), image round {image_s[-1]:.2f} s (cpu)",
-                flush=True,
-            )
+def summary(
+    args: argparse.Namespace,
+    router: RouterConfig,
+    monitor: ExpertUsageMonitor,
+    base: list[tuple[float, float]],
+    mon: list[tuple[float, float]],
+    hook_ms: list[float],
+    image_s: list[float],
+    fwd: tuple[float, float],
+) -> dict:
+    """The results so far (written after every pair, so an interrupted run keeps its finished pairs)."""
     wall_ratios = [m[0] / b[0] for m, b in zip(mon, base, strict=True)]
     cpu_ratios = [m[1] / b[1] for m, b in zip(mon, base, strict=True)]
     base_cpu = statistics.median(b[1] for b in base)
-    fwd_off, fwd_on = forward_cpu_seconds(conf, batches[0], args.forward_repeats)
+    fwd_off, fwd_on = fwd
     hook_s, img_s = statistics.median(hook_ms) / 1e3, statistics.median(image_s)
     result = {
         "model": args.model,
@@ -246,9 +217,55 @@ def main() -> None:
         ),
         "loadavg_at_end": os.getloadavg(),
     }
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="emo_tiny", help="conf/model/<name>.yaml")
+    p.add_argument("--router", choices=["emo", "standard"], default=None, help="override the router kind")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--doc-len", type=float, default=150.0, help="median document length (tokens)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (monitor logs every 50)")
+    p.add_argument("--warmup", type=int, default=10, help="first steps of each run left out")
+    p.add_argument("--pairs", type=int, default=3, help="A/B pairs")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--forward-repeats", type=int, default=10, help="repeats of the forward-only cost check")
+    p.add_argument("--image-every", type=int, default=None, help="monitor image interval (default: its own)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "expert_usage_overhead.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    arch, router, optim = load_model_conf(args.model)
+    if args.router:
+        router = RouterConfig(**{**router.__dict__, "kind": args.router})
+    arch = ArchConfig(**{**arch.__dict__, "max_seq_len": max(arch.max_seq_len, args.seq)})
+    batches = synthetic_batches(64, args.batch, args.seq, arch.vocab_size, args.doc_len)
+    conf = (arch, router, optim)
+    base, mon, hook_ms, image_s = [], [], [], []  # base / mon: (wall, cpu) seconds per step
+    fwd = forward_cpu_seconds(conf, batches[0], args.forward_repeats)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in range(args.pairs):
+            monitor = ExpertUsageMonitor(image_every_n_steps=args.image_every)
+            hook = timed_hook(monitor)
+            for on in (False, True) if pair % 2 == 0 else (True, False):  # A B, B A, ...: no order bias
+                timer = run(batches, conf, args.steps, monitor if on else None, tmp)
+                (mon if on else base).append(timer.mean_step(args.warmup))
+            hook_ms.append(1e3 * statistics.fmean(hook[args.warmup :]))
+            image_s.append(image_round_seconds(monitor, tmp))
+            print(
+                f"pair {pair}: wall off {1e3 * base[-1][0]:.1f} / on {1e3 * mon[-1][0]:.1f} ms/step "
+                f"(ratio {mon[-1][0] / base[-1][0]:.4f}); cpu off {1e3 * base[-1][1]:.1f} / on "
+                f"{1e3 * mon[-1][1]:.1f} ms/step (ratio {mon[-1][1] / base[-1][1]:.4f}); "
+                f"monitor hook {hook_ms[-1]:.2f} ms/step (cpu), image round {image_s[-1]:.2f} s (cpu)",
+                flush=True,
+            )
+            result = summary(args, router, monitor, base, mon, hook_ms, image_s, fwd)
+            out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
