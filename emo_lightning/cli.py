@@ -58,6 +58,9 @@ class EMOCLI(LightningCLI):
             kwargs["logger"] = TensorBoardLogger(
                 save_dir=config.runs_dir, name=config.experiment, version="", default_hp_metric=False
             )
+        if config.trainer.get("default_root_dir") is None:
+            # Also without a logger, everything a run writes (e.g. config.yaml) stays in runs/<experiment>/.
+            kwargs["default_root_dir"] = str(Path(config.runs_dir) / config.experiment)
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:

@@ -78,3 +78,28 @@ def test_every_experiment_file_parses(name: str) -> None:
     )  # fmt: skip
     assert cli.config.experiment == name.removesuffix(".yaml")
     assert cli.model.config.router.kind == ("standard" if name.startswith("stdmoe") else "emo")
+
+
+def test_run_without_logger_writes_nothing_outside_the_run_folder(
+    tmp_path: Path, tiny_shards, monkeypatch
+) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    main(
+        [
+            "fit",
+            *small_run_args(
+                tmp_path / "runs",
+                tiny_shards,
+                "--trainer.logger",
+                "false",
+                "--trainer.callbacks",
+                "[]",
+                "--trainer.max_steps",
+                "1",
+            ),
+        ]
+    )
+    assert list(cwd.iterdir()) == []
+    assert (tmp_path / "runs" / "emo_tiny" / "config.yaml").exists()
