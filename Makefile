@@ -96,18 +96,18 @@ smoke-distributed: install data
 	@echo "smoke-distributed: OK"
 
 # Modularity report (emo-experts): the tiny EMO and standard-MoE runs (trained by `make train` /
-# `make train-baseline` unless their checkpoints exist), expert subsets chosen from 1 and 8 documents per
-# domain of the bundled val split, evaluated on 50 others. Writes $(MODULARITY_OUT)/report.md, report.json, *.png.
+# `make train-baseline` unless they have a checkpoint; the newest last*.ckpt is used: a resumed run may write
+# last-v1.ckpt), expert subsets chosen from 1 and 8 documents per domain of the bundled val split, evaluated on
+# 50 others. Writes $(MODULARITY_OUT)/report.md, report.json and *.png.
 .PHONY: modularity
 MODULARITY_OUT ?= runs/modularity
-EMO_CKPT ?= runs/emo_tiny/checkpoints/last.ckpt
-STDMOE_CKPT ?= runs/stdmoe_tiny/checkpoints/last.ckpt
+EMO_RUN ?= runs/emo_tiny
+STDMOE_RUN ?= runs/stdmoe_tiny
+newest_ckpt = ls -t $(1)/checkpoints/last*.ckpt 2>/dev/null | head -n 1
 
-$(EMO_CKPT):
-	$(MAKE) train
-$(STDMOE_CKPT):
-	$(MAKE) train-baseline
-
-modularity: install $(EMO_CKPT) $(STDMOE_CKPT)
-	$(BIN)/emo-experts report --emo $(EMO_CKPT) --baseline $(STDMOE_CKPT) --data $(CORPUS)/val \
+modularity: install
+	@test -n "$$($(call newest_ckpt,$(EMO_RUN)))" || $(MAKE) train
+	@test -n "$$($(call newest_ckpt,$(STDMOE_RUN)))" || $(MAKE) train-baseline
+	$(BIN)/emo-experts report --emo "$$($(call newest_ckpt,$(EMO_RUN)))" \
+		--baseline "$$($(call newest_ckpt,$(STDMOE_RUN)))" --data $(CORPUS)/val \
 		--keep 0.0625,0.125,0.25,0.5,1 --shots 1,8 --calib-docs 8 --eval-docs 50 --out $(MODULARITY_OUT)
