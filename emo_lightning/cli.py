@@ -46,6 +46,8 @@ class EMOCLI(LightningCLI):
                 "checkpoint.save_top_k": 1,
                 "checkpoint.filename": "step{step:07d}",
                 "checkpoint.auto_insert_metric_name": False,
+                # one last.ckpt per run: a resume (also after a preemption save) overwrites it atomically
+                "checkpoint.enable_version_counter": False,
             }
         )
         parser.link_arguments(("runs_dir", "experiment"), "checkpoint.dirpath", compute_fn=checkpoint_dir)

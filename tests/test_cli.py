@@ -45,6 +45,9 @@ def test_fit_writes_tensorboard_config_and_checkpoint(tmp_path: Path, tiny_shard
     assert saved["model"]["arch"]["d_model"] == 32 and saved["model"]["arch"]["expert_hidden"] == 32
     # resume from "last" continues the same run folder
     main(["fit", *small_run_args(tmp_path, tiny_shards, "--trainer.max_steps", "4", "--ckpt_path", "last")])
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*")) == [
+        "last.ckpt"
+    ]  # overwritten, not versioned
 
 
 def test_config_error_names_the_key(tmp_path: Path, tiny_shards, capsys) -> None:
