@@ -225,8 +225,8 @@ def run_report(
     return report
 
 
-def _pct(x: float) -> str:
-    return "n/a" if math.isnan(x) else f"{100 * x:+.1f}%"
+def _pct(x: float, digits: int = 1) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:+.{digits}f}%"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -251,10 +251,10 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for label, vals in m["emo"]["summary"].items():
         std = m["standard"]["summary"][label]
-        cells = " | ".join(f"{_pct(vals[f'shots_{s}'])} | {_pct(std[f'shots_{s}'])}" for s in shots)
+        cells = " | ".join(f"{_pct(vals[f'shots_{s}'], 2)} | {_pct(std[f'shots_{s}'], 2)}" for s in shots)
         k = m["emo"]["keep_counts"][label]
         lines.append(
-            f"| {label} | {k}/{m['emo']['router']['num_experts']} | {cells} | {_pct(vals['random'])} | {_pct(std['random'])} |"
+            f"| {label} | {k}/{m['emo']['router']['num_experts']} | {cells} | {_pct(vals['random'], 2)} | {_pct(std['random'], 2)} |"
         )
     lines += [
         "",
@@ -268,7 +268,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {d} | {e:.4f} | {s:.4f} | {_pct(e / s - 1)} |")
     me = float(np.mean([m["emo"]["domains"][d]["full_loss"] for d in domains]))
     ms = float(np.mean([m["standard"]["domains"][d]["full_loss"] for d in domains]))
-    lines.append(f"| **mean** | {me:.4f} | {ms:.4f} | {_pct(me / ms - 1)} |")
+    lines.append(f"| **mean** | {me:.4f} | {ms:.4f} | {_pct(me / ms - 1, 2)} |")
     for label in m["emo"]["summary"]:
         if m["emo"]["keep_counts"][label] >= m["emo"]["router"]["num_experts"]:
             continue
@@ -324,7 +324,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {label} | {p['total']:,} ({p['total'] / pe['total']:.0%}) | {p['routed_experts']:,} |"
         )
-    lines += ["", f"Report time {report['machine']['seconds']:.0f} s.", ""]
+    secs = ", ".join(f"{n} {m[n]['seconds_selection_eval']:.0f} s" for n in m)
+    lines += [
+        "",
+        f"Selection and evaluation time (wall): {secs}; this run {report['machine']['seconds']:.0f} s.",
+        "",
+    ]
     return "\n".join(lines)
 
 
