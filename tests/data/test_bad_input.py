@@ -82,40 +82,13 @@ def test_cli_error_from_worker(tokenizer_path: Path, tmp_path: Path, capsys: pyt
     good = tmp_path / "good.jsonl"
     good.write_bytes(GOOD * 3)
     bad = write(tmp_path / "bad.jsonl", BAD["missing_text"])
+    argv = [
+        "build-shards", "--input", str(good), str(bad), "--tokenizer", str(tokenizer_path),
+        "--out", str(tmp_path / "out"), "--workers", "2", "--quiet",
+    ]  # fmt: skip
     with pytest.raises(SystemExit) as exit_:
-        main(
-            [
-                "build-shards",
-                "--input",
-                str(good),
-                str(bad),
-                "--tokenizer",
-                str(tokenizer_path),
-                "--out",
-                str(tmp_path / "out"),
-                "--workers",
-                "2",
-                "--quiet",
-            ]
-        )
+        main(argv)
     assert exit_.value.code == 1
     assert f"emo-data: error: {bad}:2: missing_text:" in capsys.readouterr().err
-    main(
-        [
-            "build-shards",
-            "--input",
-            str(good),
-            str(bad),
-            "--tokenizer",
-            str(tokenizer_path),
-            "--out",
-            str(tmp_path / "out"),
-            "--workers",
-            "2",
-            "--quiet",
-            "--on-error",
-            "skip",
-            "--overwrite",
-        ]
-    )
+    main([*argv, "--on-error", "skip", "--overwrite"])
     assert Manifest.load(tmp_path / "out").skipped["counts"] == {"missing_text": 1}
