@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from emo_lightning.cli import main
@@ -48,6 +49,10 @@ def test_fit_writes_tensorboard_config_and_checkpoint(tmp_path: Path, tiny_shard
     assert sorted(p.name for p in (run / "checkpoints").glob("last*")) == [
         "last.ckpt"
     ]  # overwritten, not versioned
+    # the final step is saved although 4 is not a multiple of checkpoint.every_n_train_steps (200)
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 4
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step0000004.ckpt"]
 
 
 def test_config_error_names_the_key(tmp_path: Path, tiny_shards, capsys) -> None:

@@ -29,7 +29,10 @@ class SafeModelCheckpoint(ModelCheckpoint):
     * before the first training step, checks its folder is creatable and writable and has room for two
       checkpoints (``last`` and ``stepN``) of the estimated size, and removes temporaries left by killed writers;
     * resolves ``ckpt_path="last"`` to the newest *complete* checkpoint: a broken ``last.ckpt`` (truncated,
-      bad CRC) is skipped with a warning and the newest complete ``*.ckpt`` of the folder is used instead.
+      bad CRC) is skipped with a warning and the newest complete ``*.ckpt`` of the folder is used instead;
+    * saves the final step when training ends (``max_steps`` reached, or a callback stopped the run), also when
+      it is not a multiple of ``every_n_train_steps`` — Lightning's own ``on_train_end`` only does so when no
+      checkpoint was saved at all. Runs ended by an exception (preemption, non-finite losses) never get here.
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -44,6 +47,13 @@ class SafeModelCheckpoint(ModelCheckpoint):
         for tmp in remove_stale_temporaries(self.dirpath):
             log.warning("removed %s, the temporary file of an interrupted checkpoint write", tmp)
         preflight_checkpoint_dir(self.dirpath, estimate_checkpoint_bytes(pl_module))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._every_n_train_steps > 0 and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         found = super()._find_last_checkpoints(trainer)
