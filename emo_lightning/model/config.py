@@ -106,6 +106,9 @@ class RouterConfig:
     pool_max: int = 15
     pool_eval: int = 4  # fixed pool size in eval mode
     unpooled_fraction: float = 0.0  # probability that a training document gets no pool (training only)
+    # rescale each token's k' routed gate weights to sum to 1 (Mixtral-style). Off = the reference (EMO spec):
+    # the weights are the pool softmax, so their sum, and the expert output's scale, depends on the pool size.
+    normalize_weights: bool = False
     lb_weight: float = 0.1  # total load-balance weight (each layer gets lb_weight / n_layers)
     z_weight: float = 0.001  # total router z-loss weight (each layer gets z_weight / n_layers)
     seed: int = 0  # seeds pool-size generators and expert initialisation

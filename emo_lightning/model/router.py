@@ -14,7 +14,7 @@ so the number of documents never needs to be known on the host):
     P    ~ UniformInt[pool_min, pool_max]       (N,)    per flat segment id, seeded generator; pool_eval in eval
     bias = 0 on the top-P of each pref row, -inf elsewhere, gathered back to tokens by c   (N,E')
     s    = softmax(z + bias)                    (N,E')  0 outside the pool, sums to 1 inside
-    w, idx = topk(s, k')                        (N,k')  not renormalised
+    w, idx = topk(s, k')                        (N,k')  not renormalised (unless normalize_weights: w / sum w)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class RouterOutput:
     """Routing of one layer for one forward (N = B*S tokens, flattened)."""
 
     experts: Tensor  # (N,k') long, routed expert ids in [0,E'), by descending weight
-    weights: Tensor  # (N,k') fp32, gate weights (grad), not renormalised
+    weights: Tensor  # (N,k') fp32, gate weights (grad); sum to 1 per token only with normalize_weights
     scores: Tensor  # (N,E') fp32, masked softmax s (grad)
     z_loss: Tensor  # () mean over tokens of logsumexp(z_m)^2 (grad)
     counts: Tensor  # (E',) long, token-slot assignments per routable expert (no grad)
@@ -100,6 +100,7 @@ class Router(nn.Module):
         self.num_routed, self.k = cfg.num_routed, cfg.routed_k
         self.pool_min, self.pool_max = cfg.pool_min, cfg.pool_max
         self.unpooled_fraction = cfg.unpooled_fraction
+        self.normalize_weights = cfg.normalize_weights
         self.eval_pool: int | None = cfg.pool_eval
         # (B,S,E') bool pool chosen outside the router (e.g. from a document's first tokens, see
         # emo_lightning.experts.causal_pool); when set it replaces the document pool, in any mode and kind.
@@ -165,4 +166,6 @@ class Router(nn.Module):
         present = torch.zeros(n, dtype=torch.bool, device=h.device).index_fill_(0, seg, True)  # (N,)
         eff = torch.full((n,), e, dtype=torch.long, device=h.device) if sizes is None else sizes.clamp(max=e)
         pool_sizes = torch.where(present, eff, torch.full_like(eff, -1)).view(b, s)
+        if self.normalize_weights:
+            w = w / w.sum(-1, keepdim=True)  # (N,k') the top-1 weight is >= 1/E': no division by zero
         return RouterOutput(idx, w, s_, lse.square().mean(), counts, pool_sizes, logits)

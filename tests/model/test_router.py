@@ -37,6 +37,7 @@ def make_router(
     layer: int = 0,
     weight_seed: int = 0,
     unpooled: float = 0.0,
+    normalize: bool = False,
 ) -> Router:
     e, n_sh, k = shape
     kr, er = k - n_sh, e - n_sh
@@ -50,6 +51,7 @@ def make_router(
         pool_max=hi,
         pool_eval=pool_eval or kr,
         unpooled_fraction=unpooled,
+        normalize_weights=normalize,
         seed=seed,
     )
     r = Router(cfg, d, layer)
@@ -191,6 +193,20 @@ def test_small_pools_differ_from_standard_router() -> None:
     doc_ids, h = random_doc_ids(gen, 2, 40, 3), torch.randn(2, 40, 16, generator=gen)
     emo, std = make_router(pool=(2, 2)), make_router(kind="standard")
     assert not torch.equal(emo(h, doc_ids).experts, std(h, doc_ids).experts)
+
+
+@pytest.mark.parametrize("kind", ["emo", "standard"])
+def test_normalized_weights_sum_to_one_and_keep_the_routing(kind: str) -> None:
+    """normalize_weights rescales the gate weights only: same experts, same scores, same z-loss."""
+    gen = torch.Generator().manual_seed(5)
+    doc_ids, h = random_doc_ids(gen, 2, 40, 3), torch.randn(2, 40, 16, generator=gen)
+    raw = make_router((12, 1, 4), kind=kind, pool=(3, 11))(h, doc_ids)
+    norm = make_router((12, 1, 4), kind=kind, pool=(3, 11), normalize=True)(h, doc_ids)
+    for name in ("experts", "scores", "z_loss", "counts", "pool_sizes"):
+        assert torch.equal(getattr(raw, name), getattr(norm, name)), name
+    torch.testing.assert_close(norm.weights.sum(-1), torch.ones(80))
+    torch.testing.assert_close(norm.weights, raw.weights / raw.weights.sum(-1, keepdim=True))
+    assert (raw.weights.sum(-1) < 1 - 1e-3).any()  # not vacuous: raw weights of pools > k' sum below 1
 
 
 def test_no_gradient_to_out_of_pool_logits_and_no_shared_rows() -> None:
