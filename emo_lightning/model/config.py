@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 RouterKind = Literal["emo", "standard"]
 AttentionBackend = Literal["auto", "sdpa", "flex"]
+BalanceProbs = Literal["masked", "unmasked"]
 
 
 def _fail(name: str, msg: str) -> None:
@@ -110,6 +111,10 @@ class RouterConfig:
     # the weights are the pool softmax, so their sum, and the expert output's scale, depends on the pool size.
     normalize_weights: bool = False
     lb_weight: float = 0.1  # total load-balance weight (each layer gets lb_weight / n_layers)
+    # probabilities P_e of the load-balance loss: "masked" = the pool softmax s (the reference; an expert outside
+    # every pool gets no gradient and can starve), "unmasked" = the softmax over all routable experts, so the
+    # loss also reaches the pool preference. Identical for the standard router.
+    lb_probs: BalanceProbs = "masked"
     z_weight: float = 0.001  # total router z-loss weight (each layer gets z_weight / n_layers)
     seed: int = 0  # seeds pool-size generators and expert initialisation
 
@@ -144,6 +149,8 @@ class RouterConfig:
             _fail(f"{p}.lb_weight", f"must be >= 0, got {self.lb_weight}")
         if self.z_weight < 0:
             _fail(f"{p}.z_weight", f"must be >= 0, got {self.z_weight}")
+        if self.lb_probs not in ("masked", "unmasked"):
+            _fail(f"{p}.lb_probs", f"must be 'masked' or 'unmasked', got {self.lb_probs!r}")
         if self.kind == "emo":
             for name in ("pool_min", "pool_eval"):
                 v = getattr(self, name)

@@ -26,6 +26,7 @@ def test_defaults_are_a_valid_tiny_emo_model() -> None:
         ({"pool_min": 8, "pool_max": 5}, "router.pool_max"),
         ({"top_k": 17}, "router.top_k"),
         ({"unpooled_fraction": 1.5}, "router.unpooled_fraction"),
+        ({"lb_probs": "pool"}, "router.lb_probs"),
         ({"lb_weight": -1.0}, "router.lb_weight"),
         ({"kind": "topk"}, "router.kind"),
         ({"num_experts": 0}, "router.num_experts"),

@@ -175,6 +175,36 @@ def test_tiny_model_overfits_one_batch(kind: str) -> None:
     assert ce.item() < 0.1, f"{kind}: cross-entropy {ce.item():.3f} after 80 steps (starts at ~4.16)"
 
 
+@pytest.mark.parametrize("lb_probs", ["masked", "unmasked"])
+def test_load_balance_reaches_experts_outside_every_pool_only_when_unmasked(lb_probs: str) -> None:
+    """With one document and a pool of k' experts, the other experts' router rows get load-balance gradient
+    from the unmasked softmax only (the masked one is exactly 0 outside the pool)."""
+    cfg = tiny(n_layers=1)
+    cfg.router = RouterConfig(**(cfg.router.__dict__ | {"pool_min": 2, "pool_max": 2, "lb_probs": lb_probs}))
+    model = EMOTransformer(cfg)
+    out = model(torch.randint(0, 64, (1, 24)), torch.zeros(1, 24, dtype=torch.long), return_routes=True)
+    out.lb_loss.backward()
+    in_pool = out.layers[0].pool_mask[0, 0]  # (E',) the document's pool
+    assert int(in_pool.sum()) == 2
+    grad_norm = model.blocks[0].moe.router.weight.grad.norm(dim=-1)  # (E',)
+    assert (grad_norm[in_pool] > 0).all()
+    if lb_probs == "masked":
+        assert (grad_norm[~in_pool] == 0).all()
+    else:
+        assert (grad_norm[~in_pool] > 0).all()
+
+
+def test_lb_probs_do_not_change_the_standard_router() -> None:
+    ids, doc = torch.randint(0, 64, (2, 24)), torch.stack([docs([10, 14]), docs([24])])
+    outs = []
+    for lb_probs in ("masked", "unmasked"):
+        cfg = tiny("standard")
+        cfg.router.lb_probs = lb_probs
+        torch.manual_seed(0)
+        outs.append(EMOTransformer(cfg)(ids, doc).lb_loss)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_eval_routing_can_be_unrestricted_and_then_equals_standard() -> None:
     torch.manual_seed(2)
     emo = EMOTransformer(tiny("emo")).eval()
