@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("report", help="the modularity report: EMO vs standard MoE under expert subsets")
-    p.add_argument("--emo", required=True, help="EMO checkpoint")
-    p.add_argument("--baseline", required=True, help="standard-MoE checkpoint")
+    p.add_argument("--emo", default=None, help="EMO checkpoint (required unless --only standard)")
+    p.add_argument("--baseline", default=None, help="standard-MoE checkpoint (required unless --only emo)")
     p.add_argument("--data", required=True, help="directory (or file) of JSONL documents with domains")
     p.add_argument(
         "--keep", default="0.0625,0.125,0.25,0.5,1", help="comma-separated keep fractions or counts"
@@ -255,6 +255,10 @@ def cmd_report(args: argparse.Namespace) -> None:
     )
     if max(cfg.shots) > cfg.n_calib:
         raise ValueError(f"--shots {max(cfg.shots)} exceeds --calib-docs {cfg.n_calib}")
+    for flag, name in (("--emo", "emo"), ("--baseline", "standard")):
+        if getattr(args, flag[2:]) is None and args.only in (None, name):
+            other = "standard" if name == "emo" else "emo"
+            raise ValueError(f"{flag} is required (unless --only {other})")
     run_report(
         args.emo, args.baseline, args.data, args.out, cfg, args.tokenizer, not args.no_progress, args.only
     )

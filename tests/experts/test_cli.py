@@ -110,13 +110,20 @@ def test_select_prune_eval_routes(tmp_path: Path, jsonl: Path, capsys: pytest.Ca
             assert all(e in layer["pools"][0]["experts"] for e in layer["experts"][0][:2])
 
 
+def test_report_names_the_missing_checkpoint(tmp_path: Path, jsonl: Path, capsys) -> None:
+    emo = write_checkpoint(tiny_model(), tmp_path / "emo.ckpt")
+    with pytest.raises(SystemExit):
+        _run("report", "--emo", str(emo), "--data", str(jsonl), "--out", str(tmp_path / "r"))
+    assert "--baseline is required (unless --only emo)" in capsys.readouterr().err
+
+
 def test_report(tmp_path: Path, jsonl: Path) -> None:
     emo = write_checkpoint(tiny_model(), tmp_path / "emo.ckpt")
     std = write_checkpoint(tiny_model("standard", seed=1), tmp_path / "std.ckpt")
     out = tmp_path / "report"
     common = ["--keep", "0.25,1", "--shots", "1,2", "--calib-docs", "2", "--eval-docs", "1", "--random-seeds", "2",
               "--clusters", "3", "--pool-prefix", "4", "--out", str(out), "--tokenizer", str(TOKENIZER)]  # fmt: skip
-    _run("report", "--emo", str(emo), "--baseline", str(std), "--data", str(jsonl), "--only", "emo", *common)
+    _run("report", "--emo", str(emo), "--data", str(jsonl), "--only", "emo", *common)  # no --baseline needed
     assert (out / "part_emo.json").exists() and not (out / "report.md").exists()
     stamp = (out / "part_emo.json").stat().st_mtime_ns
     _run(
