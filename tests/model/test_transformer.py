@@ -194,17 +194,6 @@ def test_load_balance_reaches_experts_outside_every_pool_only_when_unmasked(lb_p
         assert (grad_norm[~in_pool] > 0).all()
 
 
-def test_lb_probs_do_not_change_the_standard_router() -> None:
-    ids, doc = torch.randint(0, 64, (2, 24)), torch.stack([docs([10, 14]), docs([24])])
-    outs = []
-    for lb_probs in ("masked", "unmasked"):
-        cfg = tiny("standard")
-        cfg.router.lb_probs = lb_probs
-        torch.manual_seed(0)
-        outs.append(EMOTransformer(cfg)(ids, doc).lb_loss)
-    assert torch.equal(outs[0], outs[1])
-
-
 def test_eval_routing_can_be_unrestricted_and_then_equals_standard() -> None:
     torch.manual_seed(2)
     emo = EMOTransformer(tiny("emo")).eval()
