@@ -127,7 +127,8 @@ class EMOTransformer(nn.Module):
         logits = self.lm_head(self.norm(x))  # (B,S,V)
 
         counts = torch.stack([r.counts for r in routes])  # (L,E') long
-        masked = rc.lb_probs == "masked" or rc.kind == "standard"  # standard: scores = softmax(logits) already
+        # the standard router has no pool: its scores already are softmax(logits)
+        masked = rc.lb_probs == "masked" or rc.kind == "standard"
         pbar = torch.stack([(r.scores if masked else r.logits.softmax(-1)).mean(0) for r in routes])  # (L,E')
         if balance is not None:
             c, t = balance.update(counts, pbar, b * s)
