@@ -255,10 +255,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     )
     if max(cfg.shots) > cfg.n_calib:
         raise ValueError(f"--shots {max(cfg.shots)} exceeds --calib-docs {cfg.n_calib}")
-    for flag, name in (("--emo", "emo"), ("--baseline", "standard")):
-        if getattr(args, flag[2:]) is None and args.only in (None, name):
-            other = "standard" if name == "emo" else "emo"
-            raise ValueError(f"{flag} is required (unless --only {other})")
+    for flag, other in (("emo", "standard"), ("baseline", "emo")):
+        if getattr(args, flag) is None and args.only != other:
+            raise ValueError(f"--{flag} is required (unless --only {other})")
     run_report(
         args.emo, args.baseline, args.data, args.out, cfg, args.tokenizer, not args.no_progress, args.only
     )
