@@ -52,6 +52,32 @@ class EMOCLI(LightningCLI):
         )
         parser.link_arguments(("runs_dir", "experiment"), "checkpoint.dirpath", compute_fn=checkpoint_dir)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Checkpoint hyper-parameters replace the configured model, except explicit ``--model.*`` arguments.
+
+        Lightning rebuilds the model from ``ckpt_path``'s hyper-parameters, also over command-line arguments, so
+        ``emo validate --ckpt_path X --model.router.pool_eval 8`` would silently validate with the saved value
+        (Lightning-AI/pytorch-lightning#21455). Config files still yield to the checkpoint (a resumed run trains
+        what it trained); explicit ``--model.*`` arguments are re-applied on top (an architecture change then fails
+        with ``CheckpointMismatchError`` naming the keys).
+        """
+        explicit = {
+            a[2:].split("=", 1)[0]
+            for a in getattr(self, "_argv", [])
+            if isinstance(a, str) and a.startswith("--model.")
+        }
+        before = self.config.clone()
+        super()._parse_ckpt_path()
+        subcommand = self.config.get("subcommand")
+        for key in sorted(explicit):
+            full = f"{subcommand}.{key}"
+            if full in before and self.config.get(full) != before[full]:
+                self.config[full] = before[full]
+
     def instantiate_trainer(self, **kwargs: Any):
         config = self.config[self.subcommand] if self.subcommand else self.config
         logger = config.trainer.get("logger")
@@ -103,9 +129,9 @@ _CLEAN_ERRORS = (
 )
 
 
-def main(args: list[str] | None = None) -> None:
-    """Run ``emo {fit,validate,test,predict}``."""
-    EMOCLI(
+def build_cli(args: list[str] | None = None) -> EMOCLI:
+    """Parse ``args`` (default: the command line) and run the subcommand; returns the CLI (model, trainer)."""
+    return EMOCLI(
         EMOLitModule,
         ShardDataModule,
         parser_kwargs={"parser_mode": "omegaconf+", "default_env": True},
@@ -113,6 +139,11 @@ def main(args: list[str] | None = None) -> None:
         seed_everything_default=1234,
         args=args,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run ``emo {fit,validate,test,predict}``."""
+    build_cli(args)
 
 
 if __name__ == "__main__":

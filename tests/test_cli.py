@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from emo_lightning.cli import main
+from emo_lightning.cli import build_cli, main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = str(ROOT / "conf" / "experiment" / "emo_tiny.yaml")
@@ -53,6 +53,25 @@ def test_fit_writes_tensorboard_config_and_checkpoint(tmp_path: Path, tiny_shard
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 4
     assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step0000004.ckpt"]
+
+
+def test_explicit_model_arguments_win_over_checkpoint_hyperparameters(tmp_path: Path, tiny_shards) -> None:
+    main(["fit", *small_run_args(tmp_path, tiny_shards, "--model.router.pool_min", "3")])
+    ckpt = str(tmp_path / "emo_tiny" / "checkpoints" / "last.ckpt")
+    saved = build_cli(["validate", *small_run_args(tmp_path, tiny_shards), "--ckpt_path", ckpt])
+    assert saved.model.config.router.pool_min == 3  # the checkpoint's value, not the config file's
+    assert saved.model.config.router.pool_eval == 4
+    changed = build_cli(
+        [
+            "validate",
+            *small_run_args(tmp_path, tiny_shards),
+            "--ckpt_path",
+            ckpt,
+            "--model.router.pool_eval=2",
+        ]
+    )
+    assert changed.model.config.router.pool_eval == 2  # an explicit argument is not silently dropped
+    assert changed.model.config.router.pool_min == 3
 
 
 def test_config_error_names_the_key(tmp_path: Path, tiny_shards, capsys) -> None:
