@@ -55,7 +55,9 @@ def test_fit_writes_tensorboard_config_and_checkpoint(tmp_path: Path, tiny_shard
     assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step0000004.ckpt"]
 
 
-def test_explicit_model_arguments_win_over_checkpoint_hyperparameters(tmp_path: Path, tiny_shards) -> None:
+def test_explicit_model_arguments_win_over_checkpoint_hyperparameters(
+    tmp_path: Path, tiny_shards, capsys
+) -> None:
     main(["fit", *small_run_args(tmp_path, tiny_shards, "--model.router.pool_min", "3")])
     ckpt = str(tmp_path / "emo_tiny" / "checkpoints" / "last.ckpt")
     saved = build_cli(["validate", *small_run_args(tmp_path, tiny_shards), "--ckpt_path", ckpt])
@@ -72,6 +74,19 @@ def test_explicit_model_arguments_win_over_checkpoint_hyperparameters(tmp_path: 
     )
     assert changed.model.config.router.pool_eval == 2  # an explicit argument is not silently dropped
     assert changed.model.config.router.pool_min == 3
+    # an explicit architecture change is applied too, and then refused with the keys named
+    other = [
+        "--model.router.num_experts",
+        "4",
+        "--model.router.pool_max",
+        "3",
+        "--model.router.pool_eval",
+        "3",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["validate", *small_run_args(tmp_path, tiny_shards), "--ckpt_path", ckpt, *other])
+    assert exit_info.value.code == 1
+    assert "router.num_experts: checkpoint 16, current 4" in capsys.readouterr().err
 
 
 def test_config_error_names_the_key(tmp_path: Path, tiny_shards, capsys) -> None:
