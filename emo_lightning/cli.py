@@ -53,7 +53,8 @@ class EMOCLI(LightningCLI):
         parser.link_arguments(("runs_dir", "experiment"), "checkpoint.dirpath", compute_fn=checkpoint_dir)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        self._argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        argv = sys.argv[1:] if args is None else args  # LightningCLI also accepts a dict or Namespace
+        self._argv = [a for a in argv if isinstance(a, str)] if isinstance(argv, list) else []
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
@@ -65,18 +66,13 @@ class EMOCLI(LightningCLI):
         what it trained); explicit ``--model.*`` arguments are re-applied on top (an architecture change then fails
         with ``CheckpointMismatchError`` naming the keys).
         """
-        explicit = {
-            a[2:].split("=", 1)[0]
-            for a in getattr(self, "_argv", [])
-            if isinstance(a, str) and a.startswith("--model.")
-        }
+        explicit = {a[2:].split("=", 1)[0] for a in self._argv if a.startswith("--model.")}
         before = self.config.clone()
         super()._parse_ckpt_path()
         subcommand = self.config.get("subcommand")
-        for key in sorted(explicit):
-            full = f"{subcommand}.{key}"
-            if full in before and self.config.get(full) != before[full]:
-                self.config[full] = before[full]
+        for key in explicit:
+            if f"{subcommand}.{key}" in before:
+                self.config[f"{subcommand}.{key}"] = before[f"{subcommand}.{key}"]
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self.config[self.subcommand] if self.subcommand else self.config
