@@ -60,31 +60,19 @@ def test_explicit_model_arguments_win_over_checkpoint_hyperparameters(
 ) -> None:
     main(["fit", *small_run_args(tmp_path, tiny_shards, "--model.router.pool_min", "3")])
     ckpt = str(tmp_path / "emo_tiny" / "checkpoints" / "last.ckpt")
-    saved = build_cli(["validate", *small_run_args(tmp_path, tiny_shards), "--ckpt_path", ckpt])
+
+    def validate(*extra: str):
+        return build_cli(["validate", *small_run_args(tmp_path, tiny_shards), "--ckpt_path", ckpt, *extra])
+
+    saved = validate()
     assert saved.model.config.router.pool_min == 3  # the checkpoint's value, not the config file's
     assert saved.model.config.router.pool_eval == 4
-    changed = build_cli(
-        [
-            "validate",
-            *small_run_args(tmp_path, tiny_shards),
-            "--ckpt_path",
-            ckpt,
-            "--model.router.pool_eval=2",
-        ]
-    )
+    changed = validate("--model.router.pool_eval=2")
     assert changed.model.config.router.pool_eval == 2  # an explicit argument is not silently dropped
     assert changed.model.config.router.pool_min == 3
     # an explicit architecture change is applied too, and then refused with the keys named
     with pytest.raises(SystemExit) as exit_info:
-        build_cli(
-            [
-                "validate",
-                *small_run_args(tmp_path, tiny_shards),
-                "--ckpt_path",
-                ckpt,
-                "--model.arch.d_model=16",
-            ]
-        )
+        validate("--model.arch.d_model=16")
     assert exit_info.value.code == 1
     assert "arch.d_model: checkpoint 32, current 16" in capsys.readouterr().err
 
