@@ -37,13 +37,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _routing_arg(p: argparse.ArgumentParser, choices: str = "full | pool:P | causal:P:N") -> None:
+def _routing_arg(p: argparse.ArgumentParser, choices: str = "full | pool:P | running:P | causal:P:N") -> None:
     p.add_argument(
         "--routing",
         type=parse_routing,
         default=FULL,
-        help=f"{choices} (default: full). pool:P = EMO document pools of P routable experts; causal:P:N = "
-        "each document's pool of P experts chosen from its first N tokens only",
+        help=f"{choices} (default: full). pool:P = EMO document pools of P routable experts (chosen from the "
+        "whole document); running:P = each token's pool of P experts chosen from its document's tokens so far "
+        "(causal); causal:P:N = each document's pool of P experts chosen from its first N tokens only",
     )
 
 
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["layerwise", "random"], default="layerwise")
     p.add_argument("--seed", type=int, default=0, help="random method: seed (default: %(default)s)")
     p.add_argument("--out", required=True, help="output subset.json")
-    _routing_arg(p, "full | pool:P")
+    _routing_arg(p, "full | pool:P | running:P")
     _common(p)
 
     p = sub.add_parser("prune", help="write a standalone smaller checkpoint holding only the kept experts")

@@ -38,7 +38,8 @@ def iter_routes(
     """One record per document (in order): ``{id, domain, tokens, routing, layers: [{pools, experts,
     weights}]}``. ``pools`` is ``null`` without pool, else ``[{from, experts}]``: one entry per segment of
     the document (a document cut at a row end continues as a new segment with a pool of its own; causal
-    pools are one per document)."""
+    pools are one per document). ``running:P`` pools change token by token and are not written (``null``):
+    each token's experts lie in its own running pool."""
     n_layers = len(model.blocks)
     experts, weights, pools, index, pos, starts = [], [], [], [], [], []
     doc_pools = None

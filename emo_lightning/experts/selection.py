@@ -115,7 +115,7 @@ def layerwise_subset(
 ) -> Subset:
     """The paper's greedy layer-by-layer selection on calibration ``batches`` (see the module docstring)."""
     if routing.kind == "causal":
-        raise ValueError("layer-wise selection supports routing full or pool:P")
+        raise ValueError("layer-wise selection supports routing full, pool:P or running:P")
     rc, arch = model.cfg.router, model.cfg.arch
     rc_new = pruned_router_config(rc, keep - rc.num_shared)
     work = copy.deepcopy(model)  # layers are cut one after the other in this copy

@@ -15,6 +15,7 @@ from typing import Any, Literal
 RouterKind = Literal["emo", "standard"]
 AttentionBackend = Literal["auto", "sdpa", "flex"]
 BalanceProbs = Literal["masked", "unmasked"]
+PoolScope = Literal["document", "running"]
 
 
 def _fail(name: str, msg: str) -> None:
@@ -107,6 +108,10 @@ class RouterConfig:
     pool_max: int = 15
     pool_eval: int = 4  # fixed pool size in eval mode
     unpooled_fraction: float = 0.0  # probability that a training document gets no pool (training only)
+    # which tokens choose a token's pool: "document" = all tokens of its document (the EMO spec; the pool of an
+    # early token depends on later ones), "running" = the document's tokens up to and including itself (causal:
+    # the same routing in training, validation and token-by-token generation, no look-ahead)
+    pool_scope: PoolScope = "document"
     # rescale each token's k' routed gate weights to sum to 1 (Mixtral-style). Off = the reference (EMO spec):
     # the weights are the pool softmax, so their sum, and the expert output's scale, depends on the pool size.
     normalize_weights: bool = False
@@ -149,6 +154,8 @@ class RouterConfig:
             _fail(f"{p}.lb_weight", f"must be >= 0, got {self.lb_weight}")
         if self.z_weight < 0:
             _fail(f"{p}.z_weight", f"must be >= 0, got {self.z_weight}")
+        if self.pool_scope not in ("document", "running"):
+            _fail(f"{p}.pool_scope", f"must be 'document' or 'running', got {self.pool_scope!r}")
         if self.lb_probs not in ("masked", "unmasked"):
             _fail(f"{p}.lb_probs", f"must be 'masked' or 'unmasked', got {self.lb_probs!r}")
         if self.kind == "emo":

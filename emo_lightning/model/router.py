@@ -15,6 +15,9 @@ so the number of documents never needs to be known on the host):
     bias = 0 on the top-P of each pref row, -inf elsewhere, gathered back to tokens by c   (N,E')
     s    = softmax(z + bias)                    (N,E')  0 outside the pool, sums to 1 inside
     w, idx = topk(s, k')                        (N,k')  not renormalised (unless normalize_weights: w / sum w)
+
+With ``pool_scope="running"`` the preference of token t is the sum of q over its document's tokens up to and
+including t (a segmented cumulative sum, (N,E')), so every token has its own causal pool (``running_pool_bias``).
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from emo_lightning.model.attention import segment_index
-from emo_lightning.model.config import RouterConfig, derive_seed
+from emo_lightning.model.attention import segment_index, segment_positions
+from emo_lightning.model.config import PoolScope, RouterConfig, derive_seed
 
 _POOL_STREAM = 0x5EED  # seed-derivation tag for pool-size generators
 
@@ -81,6 +84,32 @@ def pool_bias(probs: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int) -> 
     return seg_bias.index_select(0, seg_c)  # (N,E')
 
 
+def running_pool_bias(
+    probs: Tensor, doc_ids: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int
+) -> Tensor:
+    """Causal pool mask: token t's pool is the top-P of the summed q over its segment's tokens 0..t.
+
+    probs: (N,E') unmasked softmax (no grad needed); doc_ids: (B,S) segment ids (N = B*S); seg, pool_sizes,
+    max_pool: as in ``pool_bias``. The last token of a segment gets the segment's document pool (up to ties).
+    Returns (N,E') additive mask, 0 inside and -inf outside each token's pool.
+    """
+    b, s = doc_ids.shape
+    n, e = probs.shape
+    dev = probs.device
+    max_pool = min(max_pool, e)
+    # fp64 running sums (exact enough to rank like the fp32 per-document sum); 0 at each segment's start
+    q = probs.view(b, s, e).double()
+    cum = q.cumsum(1)  # (B,S,E')
+    first = torch.arange(s, device=dev) - segment_positions(doc_ids)  # (B,S) position of the segment's start
+    before = (cum - q).gather(1, first.unsqueeze(-1).expand(b, s, e))  # (B,S,E') sum before the start
+    pref = (cum - before).reshape(n, e)  # (N,E')
+    top = pref.argsort(dim=-1, descending=True)[:, :max_pool]  # (N,Pmax)
+    keep = torch.arange(max_pool, device=dev) < pool_sizes.index_select(0, seg).unsqueeze(1)  # (N,Pmax)
+    neg_inf = torch.full((), float("-inf"), dtype=probs.dtype, device=dev)
+    src = torch.where(keep, torch.zeros((), dtype=probs.dtype, device=dev), neg_inf)
+    return torch.full((n, e), float("-inf"), dtype=probs.dtype, device=dev).scatter_(1, top, src)
+
+
 def pool_mask(probs: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int) -> Tensor:
     """Token-level pool membership (N,E') bool; same arguments as ``pool_bias``."""
     return pool_bias(probs, seg, pool_sizes, max_pool) == 0
@@ -91,7 +120,8 @@ class Router(nn.Module):
 
     Pool sizes are drawn from a per-router CPU ``torch.Generator`` seeded by ``(cfg.seed, layer_idx)``; its
     state is saved in the state_dict (extra state) so that resuming is exact. ``eval_pool`` (default
-    ``cfg.pool_eval``, ``None`` = unrestricted) sets the pool in eval mode.
+    ``cfg.pool_eval``, ``None`` = unrestricted) sets the pool in eval mode; ``pool_scope`` (default
+    ``cfg.pool_scope``) whether a pool is chosen from the whole document or from each token's prefix.
     """
 
     def __init__(self, cfg: RouterConfig, d_model: int, layer_idx: int = 0) -> None:
@@ -102,6 +132,7 @@ class Router(nn.Module):
         self.unpooled_fraction = cfg.unpooled_fraction
         self.normalize_weights = cfg.normalize_weights
         self.eval_pool: int | None = cfg.pool_eval
+        self.pool_scope: PoolScope = cfg.pool_scope
         # (B,S,E') bool pool chosen outside the router (e.g. from a document's first tokens, see
         # emo_lightning.experts.causal_pool); when set it replaces the document pool, in any mode and kind.
         self.forced_pool: Tensor | None = None
@@ -154,6 +185,8 @@ class Router(nn.Module):
             sizes = torch.zeros(n, dtype=torch.long, device=h.device).scatter_reduce_(
                 0, seg, forced.sum(-1), "amax", include_self=False
             )  # (N,) pool size per flat segment id
+        elif sizes is not None and self.pool_scope == "running":  # (N,E') -inf outside each token's own pool
+            z = z + running_pool_bias(z.detach().softmax(-1), doc_ids, seg, sizes, pmax)
         elif sizes is not None:
             z = z + pool_bias(z.detach().softmax(-1), seg, sizes, pmax)  # (N,E') -inf outside the pool
         s_ = z.softmax(-1)  # (N,E')

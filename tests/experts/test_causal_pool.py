@@ -82,3 +82,24 @@ def test_causal_eval_scores_only_after_the_prefix() -> None:
     dl = document_losses(model, docs, batches, Routing("causal", P, N), pad_id=1)
     expected = [max(len(d.tokens) - 1 - (N - 1), 0) for d in docs]  # targets at positions N-1 .. T-2
     assert dl.tokens.tolist() == expected
+
+
+def test_running_pools_make_the_whole_model_causal() -> None:
+    """routing running:P (each token's pool from its document's tokens so far): changing a document's later
+    tokens leaves the logits of its earlier tokens unchanged, in every layer's routing and the output."""
+    model = tiny_model()
+    docs = _docs(2)
+    cut = 20
+    changed = [
+        Document(d.id, d.domain, np.concatenate([d.tokens[:cut], (d.tokens[cut:] * 5 + 1) % 4094 + 2]))
+        for d in docs
+    ]
+    logits = []
+    for ds in (docs, changed):
+        batches = pack_documents(ds, 32, 3, pad_id=1)
+        with torch.no_grad(), eval_routing(model, Routing("running", P)):
+            logits.append([(b.doc_index, b.doc_pos, model(b.input_ids, b.doc_ids).logits) for b in batches])
+    for (ia, pa, la), (_, _, lb) in zip(*logits, strict=True):
+        early = (ia >= 0) & (pa < cut)
+        torch.testing.assert_close(la[early], lb[early], rtol=0, atol=1e-5)
+        assert not torch.allclose(la[(ia >= 0) & (pa > cut)], lb[(ia >= 0) & (pa > cut)])

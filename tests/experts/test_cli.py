@@ -95,7 +95,7 @@ def test_select_prune_eval_routes(tmp_path: Path, jsonl: Path, capsys: pytest.Ca
     c = json.loads((tmp_path / "c.json").read_text())["results"]
     assert c["causal:3:4"]["all"]["tokens"] == c["full (same targets)"]["all"]["tokens"]
 
-    for routing in ("full", "pool:3", "causal:3:4"):
+    for routing in ("full", "pool:3", "running:3", "causal:3:4"):
         out = tmp_path / f"routes_{routing.replace(':', '_')}.jsonl"
         _run(
             "routes", "--ckpt", str(ckpt), "--data", str(jsonl), "--out", str(out), "--routing", routing, *tok
@@ -104,7 +104,7 @@ def test_select_prune_eval_routes(tmp_path: Path, jsonl: Path, capsys: pytest.Ca
         assert len(recs) == 9 and len(recs[0]["layers"]) == 3
         layer = recs[0]["layers"][0]
         assert len(layer["experts"]) == recs[0]["tokens"] and len(layer["experts"][0]) == 3
-        assert (layer["pools"] is None) == (routing == "full")
+        assert (layer["pools"] is None) == (routing in ("full", "running:3"))  # running pools: per token
         if layer["pools"]:
             assert len(layer["pools"][0]["experts"]) == 3
             assert all(e in layer["pools"][0]["experts"] for e in layer["experts"][0][:2])

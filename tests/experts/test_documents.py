@@ -57,7 +57,8 @@ def test_split_is_disjoint_and_nested() -> None:
 def test_parse_routing() -> None:
     assert parse_routing("full") == Routing()
     assert parse_routing("pool:4") == Routing("pool", 4)
+    assert parse_routing("running:4") == Routing("running", 4) and str(Routing("running", 4)) == "running:4"
     assert parse_routing("causal:4:32") == Routing("causal", 4, 32)
-    for bad in ("pool", "pool:0", "causal:4", "x"):
+    for bad in ("pool", "pool:0", "running:4:2", "causal:4", "x"):
         with pytest.raises(ValueError):
             parse_routing(bad)

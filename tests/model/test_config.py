@@ -27,6 +27,7 @@ def test_defaults_are_a_valid_tiny_emo_model() -> None:
         ({"top_k": 17}, "router.top_k"),
         ({"unpooled_fraction": 1.5}, "router.unpooled_fraction"),
         ({"lb_probs": "pool"}, "router.lb_probs"),
+        ({"pool_scope": "token"}, "router.pool_scope"),
         ({"lb_weight": -1.0}, "router.lb_weight"),
         ({"kind": "topk"}, "router.kind"),
         ({"num_experts": 0}, "router.num_experts"),

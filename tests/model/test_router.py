@@ -38,6 +38,7 @@ def make_router(
     weight_seed: int = 0,
     unpooled: float = 0.0,
     normalize: bool = False,
+    scope: str = "document",
 ) -> Router:
     e, n_sh, k = shape
     kr, er = k - n_sh, e - n_sh
@@ -52,6 +53,7 @@ def make_router(
         pool_eval=pool_eval or kr,
         unpooled_fraction=unpooled,
         normalize_weights=normalize,
+        pool_scope=scope,
         seed=seed,
     )
     r = Router(cfg, d, layer)
@@ -285,3 +287,73 @@ def test_permuting_documents_permutes_routing(mode: str) -> None:
     # and the pools really are per document: one document on its own routes identically
     solo = r(h[:, starts[2] : starts[3]], torch.zeros(1, lengths[2], dtype=torch.long))
     assert torch.equal(solo.experts, a.experts[starts[2] : starts[3]])
+
+
+@SETTINGS
+@given(
+    shape=st.sampled_from(SHAPES),
+    b=st.integers(1, 3),
+    s=st.integers(2, 24),
+    max_docs=st.integers(1, 6),
+    seed=st.integers(0, 10_000),
+    train=st.booleans(),
+)
+def test_running_pools_are_causal_prefix_pools(shape, b, s, max_docs, seed, train) -> None:
+    """pool_scope="running": token t routes inside the top-P of its document's summed unmasked softmax over
+    tokens up to t (same P as its document), so later tokens never change it; at a document's last token the
+    running pool is the document pool."""
+    gen = torch.Generator().manual_seed(seed)
+    doc_ids = random_doc_ids(gen, b, s, max_docs)
+    h = torch.randn(b, s, 16, generator=gen)
+    er = shape[0] - shape[1]
+    kw = {"seed": seed, "weight_seed": seed + 1, "pool_eval": er - 1}
+    running = make_router(shape, scope="running", **kw).train(train)
+    document = make_router(shape, **kw).train(train)
+    out, ref = running(h, doc_ids), document(h, doc_ids)  # same generator seeds: the same pool sizes
+    assert torch.equal(out.pool_sizes, ref.pool_sizes)
+    support = out.scores.view(b, s, er) > 0
+    assert support.gather(-1, out.experts.view(b, s, -1)).all(), "routed outside the running pool"
+    q = out.logits.detach().softmax(-1).view(b, s, er).double()
+    ref_support = ref.scores.view(b, s, er) > 0
+    for bb in range(b):
+        for g in doc_ids[bb].unique().tolist():
+            tok = (doc_ids[bb] == g).nonzero().flatten()
+            size = int(out.pool_sizes[bb, g])
+            pref = q[bb, tok].cumsum(0)  # (T,E') preference of each prefix
+            for j, t in enumerate(tok.tolist()):
+                sup = support[bb, t]
+                assert int(sup.sum()) == min(size, er)
+                if (~sup).any():
+                    assert pref[j][sup].min() >= pref[j][~sup].max() - 1e-9
+            if (ref_support[bb, tok[-1]] != support[bb, tok[-1]]).any():  # only under a tie of the preference
+                a = q[bb, tok].sum(0)
+                assert a[ref_support[bb, tok[-1]]].min() <= a[~ref_support[bb, tok[-1]]].max() + 1e-6
+    # causality: replacing the hidden states from position c on leaves the routing of positions < c unchanged
+    c = s // 2
+    h2 = h.clone()
+    h2[:, c:] = torch.randn(b, s - c, 16, generator=gen)
+    early = (torch.arange(s) < c).expand(b, s).reshape(-1)
+    running.reseed(seed)
+    a = running(h, doc_ids)
+    running.reseed(seed)  # the same pool-size draws in training mode
+    a2 = running(h2, doc_ids)
+    assert torch.equal(a.experts[early], a2.experts[early])
+    assert torch.equal(a.weights[early], a2.weights[early])
+
+
+def test_document_pools_look_ahead_and_running_pools_do_not() -> None:
+    """The contrast that motivates pool_scope="running": with document pools, later tokens can change the
+    routing of earlier ones."""
+    gen = torch.Generator().manual_seed(7)
+    doc_ids = torch.zeros(1, 40, dtype=torch.long)  # one document
+    h = torch.randn(1, 40, 16, generator=gen)
+    routes = {}
+    for scope in ("document", "running"):
+        r = make_router((16, 1, 3), pool_eval=3, scope=scope).eval()
+        out = r(h, doc_ids)
+        outsider = int((out.scores[-1] == 0).nonzero()[0])  # an expert outside the whole document's pool
+        h2 = h.clone()
+        h2[:, 20:] = 5 * r.weight[outsider].detach()  # later tokens that all want that expert
+        routes[scope] = (out.experts[:20], r(h2, doc_ids).experts[:20])
+    assert not torch.equal(*routes["document"])
+    assert torch.equal(*routes["running"])
