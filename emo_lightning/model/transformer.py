@@ -33,7 +33,8 @@ class LayerRouting:
     probs: Tensor | None = (
         None  # (B,S,E') unmasked softmax over routable experts, if return_routes and route_probs (detached)
     )
-    pool_mask: Tensor | None = None  # (B,G,E') bool pool of segment g (all False: absent), if return_routes
+    # (B,G,E') bool pool of segment g (all False: absent; running pools: union over its tokens), if return_routes
+    pool_mask: Tensor | None = None
 
 
 @dataclass
