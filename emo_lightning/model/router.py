@@ -74,14 +74,20 @@ def pool_bias(probs: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int) -> 
     # same accumulation order per segment as before compaction: bitwise identical preferences
     pref = torch.zeros(g, e, dtype=probs.dtype, device=dev).index_add_(0, seg_c, probs)  # (G,E')
     flat_of = torch.zeros(g, dtype=torch.long, device=dev).scatter_(0, seg_c, seg)  # (G,) flat id of row
-    sizes = pool_sizes.index_select(0, flat_of)  # (G,)
-    # full ranking: argsort is faster than topk on CPU for these short rows, and exact under ties
-    top = pref.argsort(dim=-1, descending=True)[:, :max_pool]  # (G,Pmax) best first
-    keep = torch.arange(max_pool, device=dev) < sizes.unsqueeze(1)  # (G,Pmax)
-    neg_inf = torch.full((), float("-inf"), dtype=probs.dtype, device=dev)
-    src = torch.where(keep, torch.zeros((), dtype=probs.dtype, device=dev), neg_inf)  # (G,Pmax)
-    seg_bias = torch.full((g, e), float("-inf"), dtype=probs.dtype, device=dev).scatter_(1, top, src)
+    seg_bias = _top_pool_bias(pref, pool_sizes.index_select(0, flat_of), max_pool, probs.dtype)  # (G,E')
     return seg_bias.index_select(0, seg_c)  # (N,E')
+
+
+def _top_pool_bias(pref: Tensor, sizes: Tensor, max_pool: int, dtype: torch.dtype) -> Tensor:
+    """(R,E') preferences, (R,) pool sizes -> (R,E') bias: 0 on each row's top-size experts, -inf elsewhere."""
+    r, e = pref.shape
+    dev = pref.device
+    # full ranking: argsort is faster than topk on CPU for these short rows, and exact under ties
+    top = pref.argsort(dim=-1, descending=True)[:, :max_pool]  # (R,Pmax) best first
+    keep = torch.arange(max_pool, device=dev) < sizes.unsqueeze(1)  # (R,Pmax)
+    neg_inf = torch.full((), float("-inf"), dtype=dtype, device=dev)
+    src = torch.where(keep, torch.zeros((), dtype=dtype, device=dev), neg_inf)  # (R,Pmax)
+    return torch.full((r, e), float("-inf"), dtype=dtype, device=dev).scatter_(1, top, src)
 
 
 def running_pool_bias(
@@ -103,11 +109,7 @@ def running_pool_bias(
     first = torch.arange(s, device=dev) - segment_positions(doc_ids)  # (B,S) position of the segment's start
     before = (cum - q).gather(1, first.unsqueeze(-1).expand(b, s, e))  # (B,S,E') sum before the start
     pref = (cum - before).reshape(n, e)  # (N,E')
-    top = pref.argsort(dim=-1, descending=True)[:, :max_pool]  # (N,Pmax)
-    keep = torch.arange(max_pool, device=dev) < pool_sizes.index_select(0, seg).unsqueeze(1)  # (N,Pmax)
-    neg_inf = torch.full((), float("-inf"), dtype=probs.dtype, device=dev)
-    src = torch.where(keep, torch.zeros((), dtype=probs.dtype, device=dev), neg_inf)
-    return torch.full((n, e), float("-inf"), dtype=probs.dtype, device=dev).scatter_(1, top, src)
+    return _top_pool_bias(pref, pool_sizes.index_select(0, seg), max_pool, probs.dtype)
 
 
 def pool_mask(probs: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int) -> Tensor:
