@@ -12,6 +12,14 @@ from emo_lightning.model import Router, RouterConfig
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 # (E, n_sh, k): E' = E - n_sh routable experts, k' = k - n_sh routed per token
 SHAPES = [(8, 1, 3), (12, 0, 2), (10, 2, 4), (6, 1, 2), (16, 1, 4)]
+# router shape, batch rows, documents per row, seed, training mode (the sequence length is drawn per test)
+BATCH_CASES = {
+    "shape": st.sampled_from(SHAPES),
+    "b": st.integers(1, 3),
+    "max_docs": st.integers(1, 6),
+    "seed": st.integers(0, 10_000),
+    "train": st.booleans(),
+}
 
 
 def random_doc_ids(gen: torch.Generator, b: int, s: int, max_docs: int) -> torch.Tensor:
@@ -102,14 +110,7 @@ def loop_reference(router: Router, h: torch.Tensor, doc_ids: torch.Tensor, pool_
 
 
 @SETTINGS
-@given(
-    shape=st.sampled_from(SHAPES),
-    b=st.integers(1, 3),
-    s=st.integers(4, 24),
-    max_docs=st.integers(1, 6),
-    seed=st.integers(0, 10_000),
-    train=st.booleans(),
-)
+@given(s=st.integers(4, 24), **BATCH_CASES)
 def test_vectorised_router_matches_per_document_loop(shape, b, s, max_docs, seed, train) -> None:
     gen = torch.Generator().manual_seed(seed)
     doc_ids = random_doc_ids(gen, b, s, max_docs)
@@ -290,14 +291,7 @@ def test_permuting_documents_permutes_routing(mode: str) -> None:
 
 
 @SETTINGS
-@given(
-    shape=st.sampled_from(SHAPES),
-    b=st.integers(1, 3),
-    s=st.integers(2, 24),
-    max_docs=st.integers(1, 6),
-    seed=st.integers(0, 10_000),
-    train=st.booleans(),
-)
+@given(s=st.integers(2, 24), **BATCH_CASES)
 def test_running_pools_are_causal_prefix_pools(shape, b, s, max_docs, seed, train) -> None:
     """pool_scope="running": token t routes inside the top-P of its document's summed unmasked softmax over
     tokens up to t (same P as its document), so later tokens never change it; at a document's last token the
