@@ -137,6 +137,10 @@ def main(out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(report, f)
+    # Without this, gloo's worker threads can outlive interpreter shutdown and abort the process
+    # ("terminate called without an active exception"; seen once in CI, pytorch/pytorch#190489).
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
