@@ -108,6 +108,10 @@ class RouterConfig:
     pool_max: int = 15
     pool_eval: int = 4  # fixed pool size in eval mode
     unpooled_fraction: float = 0.0  # probability that a training document gets no pool (training only)
+    # optimizer steps over which the training pool range widens from [pool_max, pool_max] to [pool_min, pool_max]
+    # (the lower end falls linearly): pools start large (pool_max = E' starts as a standard MoE) while the router
+    # is still untrained. 0 = the spec (the full range from the first step).
+    pool_warmup_steps: int = 0
     # which tokens choose a token's pool: "document" = all tokens of its document (the EMO spec; the pool of an
     # early token depends on later ones), "running" = the document's tokens up to and including itself (causal:
     # the same routing in training, validation and token-by-token generation, no look-ahead)
@@ -150,6 +154,8 @@ class RouterConfig:
             )
         if not 0.0 <= self.unpooled_fraction <= 1.0:
             _fail(f"{p}.unpooled_fraction", f"must be in [0, 1], got {self.unpooled_fraction}")
+        if self.pool_warmup_steps < 0:
+            _fail(f"{p}.pool_warmup_steps", f"must be >= 0, got {self.pool_warmup_steps}")
         if self.lb_weight < 0:
             _fail(f"{p}.lb_weight", f"must be >= 0, got {self.lb_weight}")
         if self.z_weight < 0:

@@ -12,6 +12,7 @@ so the number of documents never needs to be known on the host):
                                                         bound N elsewhere: no host synchronisation)
     pref = zeros(G,E').index_add_(0, c, q)      (G,E')  summed preference per segment
     P    ~ UniformInt[pool_min, pool_max]       (N,)    per flat segment id, seeded generator; pool_eval in eval
+                                                        (lower end raised during pool_warmup_steps)
     bias = 0 on the top-P of each pref row, -inf elsewhere, gathered back to tokens by c   (N,E')
     s    = softmax(z + bias)                    (N,E')  0 outside the pool, sums to 1 inside
     w, idx = topk(s, k')                        (N,k')  not renormalised (unless normalize_weights: w / sum w)
@@ -132,6 +133,8 @@ class Router(nn.Module):
         self.num_routed, self.k = cfg.num_routed, cfg.routed_k
         self.pool_min, self.pool_max = cfg.pool_min, cfg.pool_max
         self.unpooled_fraction = cfg.unpooled_fraction
+        self.pool_warmup_steps = cfg.pool_warmup_steps
+        self.train_step = 0  # optimizer step, set by the training loop (set_train_step); drives the pool warm-up
         self.normalize_weights = cfg.normalize_weights
         self.eval_pool: int | None = cfg.pool_eval
         self.pool_scope: PoolScope = cfg.pool_scope
@@ -146,6 +149,18 @@ class Router(nn.Module):
     def reseed(self, seed: int) -> None:
         """Reset the pool-size generator to ``(seed, layer_idx)``."""
         self.generator.manual_seed(derive_seed(seed, self.layer_idx, _POOL_STREAM))
+
+    def set_train_step(self, step: int) -> None:
+        """Tell the router the current optimizer step (pool warm-up); derived from the step, so resume-exact."""
+        self.train_step = step
+
+    def pool_range(self) -> tuple[int, int]:
+        """Training pool-size range [lo, pool_max] at the current step: lo falls linearly from pool_max to
+        pool_min over ``pool_warmup_steps`` optimizer steps (lo = pool_min without warm-up)."""
+        w = self.pool_warmup_steps
+        if self.train_step >= w:
+            return self.pool_min, self.pool_max
+        return self.pool_max - (self.pool_max - self.pool_min) * self.train_step // w, self.pool_max
 
     def get_extra_state(self) -> Any:
         return {"generator": self.generator.get_state()}
@@ -162,7 +177,8 @@ class Router(nn.Module):
             if self.eval_pool is None or self.eval_pool >= e:
                 return None, e
             return torch.full((n,), self.eval_pool, dtype=torch.long, device=device), self.eval_pool
-        p = torch.randint(self.pool_min, self.pool_max + 1, (n,), generator=self.generator)
+        lo, hi = self.pool_range()
+        p = torch.randint(lo, hi + 1, (n,), generator=self.generator)
         pmax = self.pool_max
         if self.unpooled_fraction > 0:
             free = torch.rand(n, generator=self.generator) < self.unpooled_fraction

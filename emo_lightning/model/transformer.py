@@ -102,6 +102,11 @@ class EMOTransformer(nn.Module):
         for r in self.routers():
             r.reseed(seed)
 
+    def set_train_step(self, step: int) -> None:
+        """Tell every router the current optimizer step (drives ``router.pool_warmup_steps``)."""
+        for r in self.routers():
+            r.set_train_step(step)
+
     def forward(
         self,
         input_ids: Tensor,

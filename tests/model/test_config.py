@@ -28,6 +28,7 @@ def test_defaults_are_a_valid_tiny_emo_model() -> None:
         ({"unpooled_fraction": 1.5}, "router.unpooled_fraction"),
         ({"lb_probs": "pool"}, "router.lb_probs"),
         ({"pool_scope": "token"}, "router.pool_scope"),
+        ({"pool_warmup_steps": -1}, "router.pool_warmup_steps"),
         ({"lb_weight": -1.0}, "router.lb_weight"),
         ({"kind": "topk"}, "router.kind"),
         ({"num_experts": 0}, "router.num_experts"),

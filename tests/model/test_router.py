@@ -47,6 +47,7 @@ def make_router(
     unpooled: float = 0.0,
     normalize: bool = False,
     scope: str = "document",
+    warmup: int = 0,
 ) -> Router:
     e, n_sh, k = shape
     kr, er = k - n_sh, e - n_sh
@@ -62,6 +63,7 @@ def make_router(
         unpooled_fraction=unpooled,
         normalize_weights=normalize,
         pool_scope=scope,
+        pool_warmup_steps=warmup,
         seed=seed,
     )
     r = Router(cfg, d, layer)
@@ -265,6 +267,28 @@ def test_eval_pool_and_unpooled_documents() -> None:
     free = make_router((16, 1, 3), pool=(2, 4), unpooled=1.0).train()
     p = free(h, doc_ids).pool_sizes
     assert ((p == 15) | (p == -1)).all()
+
+
+def test_pool_warmup_widens_the_range_from_pool_max_to_pool_min() -> None:
+    gen = torch.Generator().manual_seed(6)
+    doc_ids = torch.arange(256).div(2, rounding_mode="floor").expand(4, 256)  # 128 documents per row
+    h = torch.randn(4, 256, 16, generator=gen)
+    r = make_router((16, 1, 3), pool=(2, 15), warmup=10).train()
+
+    def sizes(step: int) -> torch.Tensor:
+        r.set_train_step(step)
+        return r(h, doc_ids).pool_sizes[:, :128]
+
+    assert (sizes(0) == 15).all(), "step 0: every document gets pool_max (here: unrestricted)"
+    assert (r(h, doc_ids).scores > 0).all()
+    half = sizes(5)  # lower end 15 - 13 * 5 // 10 = 9
+    assert half.min() == 9 and half.max() == 15
+    for step in (10, 1000):  # warm-up over: the spec's full range
+        p = sizes(step)
+        assert p.min() == 2 and p.max() == 15
+    r.eval()  # evaluation ignores the warm-up: pool_eval
+    r.set_train_step(0)
+    assert ((r(h, doc_ids).pool_sizes == 2) | (r(h, doc_ids).pool_sizes == -1)).all()
 
 
 @pytest.mark.parametrize("mode", ["eval", "fixed_train"])
