@@ -134,7 +134,7 @@ class Router(nn.Module):
         self.pool_min, self.pool_max = cfg.pool_min, cfg.pool_max
         self.unpooled_fraction = cfg.unpooled_fraction
         self.pool_warmup_steps = cfg.pool_warmup_steps
-        self.train_step = 0  # optimizer step, set by the training loop (set_train_step); drives the pool warm-up
+        self.train_step = 0  # optimizer step, set by the training loop: drives the pool warm-up
         self.normalize_weights = cfg.normalize_weights
         self.eval_pool: int | None = cfg.pool_eval
         self.pool_scope: PoolScope = cfg.pool_scope
