@@ -123,14 +123,13 @@ def test_pool_warmup_follows_the_optimizer_step(tiny_shards) -> None:
     module = tiny_module(pool_warmup_steps=2)
     seen: list[tuple[int, int, int]] = []
 
-    class Spy(L.Callback):
+    class Spy(L.Callback):  # per micro-batch: step, the routers' lower end, the smallest pool a document got
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            pl_module.last_pool_min = 99
+
         def on_before_backward(self, trainer, pl_module, loss):
             lo = {r.pool_range()[0] for r in pl_module.model.routers()}
             seen.append((trainer.global_step, *lo, int(pl_module.last_pool_min)))
-
-    class Record(L.Callback):  # smallest pool a document actually got in this micro-batch
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            pl_module.last_pool_min = 99
 
     module.configure_model()
     module_forward = module.model.forward
@@ -143,7 +142,7 @@ def test_pool_warmup_follows_the_optimizer_step(tiny_shards) -> None:
 
     trainer = L.Trainer(
         accelerator="cpu", max_steps=3, accumulate_grad_batches=2, logger=False, enable_progress_bar=False,
-        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Record(), Spy()],
+        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Spy()],
     )  # fmt: skip
     module.model.forward = forward
     trainer.fit(module, datamodule=tiny_data(tiny_shards))

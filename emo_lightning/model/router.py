@@ -177,9 +177,8 @@ class Router(nn.Module):
             if self.eval_pool is None or self.eval_pool >= e:
                 return None, e
             return torch.full((n,), self.eval_pool, dtype=torch.long, device=device), self.eval_pool
-        lo, hi = self.pool_range()
-        p = torch.randint(lo, hi + 1, (n,), generator=self.generator)
-        pmax = self.pool_max
+        lo, pmax = self.pool_range()
+        p = torch.randint(lo, pmax + 1, (n,), generator=self.generator)
         if self.unpooled_fraction > 0:
             free = torch.rand(n, generator=self.generator) < self.unpooled_fraction
             p = p.masked_fill(free, e)
