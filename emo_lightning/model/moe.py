@@ -8,7 +8,8 @@ routing.
 * ``loop``: ``x.split(counts)`` + ``W.unbind(0)``, one SwiGLU per non-empty expert. Fastest on CPU (see
   ECOSYSTEM_NOTES); never indexes ``W[e]`` (autograd would allocate a full-size gradient per expert).
 * ``grouped_mm``: ``torch._grouped_mm`` with cumulative offsets, no host sync; used by ``auto`` on
-  CUDA in bf16.
+  CUDA in bf16: bf16 tokens, or fp32 tokens under bf16 autocast (Lightning's ``bf16-mixed``, where the
+  residual stream stays fp32), which it casts to bf16 itself (autocast may not cover ``_grouped_mm``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def _trunc_normal(shape: tuple[int, ...], std: float, gen: torch.Generator) -> T
     return nn.init.trunc_normal_(torch.empty(shape), std=std, a=-3 * std, b=3 * std, generator=gen)
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: autocast's where it is on for x's device type, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def _swiglu(x: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
     """x: (n,d); w_in: (d,2h) = [gate | up]; w_out: (h,d)."""
     g, u = (x @ w_in).chunk(2, dim=-1)
@@ -96,20 +103,20 @@ class RoutedExperts(nn.Module):
             self.w_in[i].copy_(_trunc_normal((self.d_model, 2 * self.hidden), std, gen))
             self.w_out[i].copy_(_trunc_normal((self.hidden, self.d_model), std, gen))
 
-    def _use_grouped(self, x: Tensor) -> bool:
+    def _use_grouped(self, x: Tensor, dtype: torch.dtype) -> bool:
         if self.impl == "grouped_mm":
             return True
-        return (
-            self.impl == "auto" and x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-        )
+        return self.impl == "auto" and x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
     def forward(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
         """x_sorted: (M,d) grouped by expert; counts: (E,) long -> (M,d)."""
-        w_in, w_out = self.w_in.to(x_sorted.dtype), self.w_out.to(x_sorted.dtype)
-        if self._use_grouped(x_sorted):
+        dtype = compute_dtype(x_sorted)
+        if self._use_grouped(x_sorted, dtype):
+            x, w_in, w_out = x_sorted.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype)
             offs = counts.cumsum(0).to(torch.int32)  # (E,)
-            g, u = torch._grouped_mm(x_sorted, w_in, offs=offs).chunk(2, dim=-1)  # (M,h) each
-            return torch._grouped_mm(F.silu(g) * u, w_out, offs=offs)
+            g, u = torch._grouped_mm(x, w_in, offs=offs).chunk(2, dim=-1)  # (M,h) each
+            return torch._grouped_mm(F.silu(g) * u, w_out, offs=offs)  # (M,d) in dtype
+        w_in, w_out = self.w_in.to(x_sorted.dtype), self.w_out.to(x_sorted.dtype)
         sizes = counts.tolist()  # host sizes: needed by split (cheap on CPU; CUDA uses grouped_mm)
         outs = [
             _swiglu(xe, wi, wo)
