@@ -212,15 +212,13 @@ def test_lightning_checkpoint_resume(shards: Path, tmp_path: Path) -> None:
     assert np.isfinite(resumed.w.item())
 
 
-SHARED_TINY = Path(__file__).resolve().parents[3] / "shared" / "corpus" / "tiny" / "val.jsonl"
-
-
-@pytest.mark.skipif(not SHARED_TINY.exists(), reason="../shared/corpus (research-only data) not available")
-def test_shared_corpus_all_domains(tokenizer_path: Path, tmp_path: Path) -> None:
+@pytest.mark.shared_corpus
+def test_shared_corpus_all_domains(shared_corpus: Path, tokenizer_path: Path, tmp_path: Path) -> None:
     """The eight-domain research corpus (read from ../shared, never committed): per-domain conservation."""
     from data_tools.shards import build_shards
 
-    m = build_shards([SHARED_TINY], tokenizer_path, tmp_path / "shards", shard_size=2048, quiet=True).manifest
+    val = shared_corpus / "tiny" / "val.jsonl"
+    m = build_shards([val], tokenizer_path, tmp_path / "shards", shard_size=2048, quiet=True).manifest
     assert len(m.domains) == 8
     dm = make_dm(tmp_path / "shards", rank=1, world_size=2, num_workers=2)
     other = make_dm(tmp_path / "shards", rank=0, world_size=2, num_workers=0)
