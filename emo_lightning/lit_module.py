@@ -165,15 +165,13 @@ class EMOLitModule(L.LightningModule):
             self.log_dict({f"data/{k}": float(v) for k, v in self.stream_skips.items()}, on_step=True)
 
     def _start_optimizer_step(self, step: int) -> None:
-        """First micro-batch of an optimizer step: reset the step's expert counts, reseed the pool sizes and
-        tell the routers the step (pool warm-up).
+        """First micro-batch of an optimizer step: reset the step's expert counts and reseed the pool sizes.
 
-        Pool sizes are drawn from (router.seed, rank, step), so they differ between data-parallel ranks and a
-        resumed run draws exactly what the uninterrupted run drew, whatever generator state was saved.
+        Pool sizes are drawn from (router.seed, rank, step): they differ between data-parallel ranks, and a
+        resumed run draws exactly what the uninterrupted run drew (the one resume mechanism: nothing is saved).
         """
         self.balance.reset()
         self.model.reseed_routers(derive_seed(self.config.router.seed, self.global_rank, step))
-        self.model.set_train_step(step)
         self._step_started = step
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -16,7 +16,7 @@ from emo_lightning.model import ArchConfig, RouterConfig
 from emo_lightning.optim import OptimConfig, parameter_groups, warmup_cosine
 
 
-def tiny_module(kind: str = "emo", pool_warmup_steps: int = 0) -> EMOLitModule:
+def tiny_module(kind: str = "emo") -> EMOLitModule:
     return EMOLitModule(
         arch=ArchConfig(vocab_size=4096, d_model=32, n_layers=2, n_heads=2, expert_hidden=32, max_seq_len=64),
         router=RouterConfig(
@@ -27,7 +27,6 @@ def tiny_module(kind: str = "emo", pool_warmup_steps: int = 0) -> EMOLitModule:
             pool_min=2,
             pool_max=7,
             pool_eval=3,
-            pool_warmup_steps=pool_warmup_steps,
         ),
         optim=OptimConfig(lr=3e-3, warmup_steps=2),
     )
@@ -116,40 +115,6 @@ def test_balance_counts_accumulate_over_the_optimizer_step(tiny_shards) -> None:
     trainer.fit(module, datamodule=tiny_data(tiny_shards))
     per_batch = 4 * 64
     assert seen == [per_batch, 2 * per_batch, 3 * per_batch] * 2
-
-
-def test_pool_warmup_follows_the_optimizer_step(tiny_shards) -> None:
-    """Every micro-batch of optimizer step t trains with the pool range of step t (pools 7..7 -> 2..7)."""
-    module = tiny_module(pool_warmup_steps=2)
-    seen: list[tuple[int, int, int]] = []
-
-    class Spy(L.Callback):  # per micro-batch: step, the routers' lower end, the smallest pool a document got
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            pl_module.last_pool_min = 99
-
-        def on_before_backward(self, trainer, pl_module, loss):
-            lo = {r.pool_range()[0] for r in pl_module.model.routers()}
-            seen.append((trainer.global_step, *lo, int(pl_module.last_pool_min)))
-
-    module.configure_model()
-    module_forward = module.model.forward
-
-    def forward(*args, **kwargs):
-        out = module_forward(*args, **kwargs)
-        sizes = torch.stack([layer.pool_sizes for layer in out.layers])
-        module.last_pool_min = min(module.last_pool_min, int(sizes[sizes >= 0].min()))
-        return out
-
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=3, accumulate_grad_batches=2, logger=False, enable_progress_bar=False,
-        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Spy()],
-    )  # fmt: skip
-    module.model.forward = forward
-    trainer.fit(module, datamodule=tiny_data(tiny_shards))
-    # step 0: lower end 7 (pool_max), step 1: 7 - 5 * 1 // 2 = 5, step 2: warm-up over, pool_min = 2
-    assert [(s, lo) for s, lo, _ in seen] == [(0, 7), (0, 7), (1, 5), (1, 5), (2, 2), (2, 2)]
-    assert all(smallest >= lo for _, lo, smallest in seen)
-    assert seen[0][2] == 7 and min(smallest for *_, smallest in seen[4:]) < 5
 
 
 def test_validation_logs_per_domain_perplexity(tmp_path: Path, tiny_shards) -> None:

@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 RouterKind = Literal["emo", "standard"]
 AttentionBackend = Literal["auto", "sdpa", "flex"]
-BalanceProbs = Literal["masked", "unmasked"]
 PoolScope = Literal["document", "running"]
 
 
@@ -107,11 +106,6 @@ class RouterConfig:
     pool_min: int = 3  # training pool size P ~ UniformInt[pool_min, pool_max] per document, layer, forward
     pool_max: int = 15
     pool_eval: int = 4  # fixed pool size in eval mode
-    unpooled_fraction: float = 0.0  # probability that a training document gets no pool (training only)
-    # optimizer steps over which the training pool range widens from [pool_max, pool_max] to [pool_min, pool_max]
-    # (the lower end falls linearly): pools start large (pool_max = E' starts as a standard MoE) while the router
-    # is still untrained. 0 = the spec (the full range from the first step).
-    pool_warmup_steps: int = 0
     # which tokens choose a token's pool: "document" = all tokens of its document (the EMO spec; the pool of an
     # early token depends on later ones), "running" = the document's tokens up to and including itself (causal:
     # the same routing in training, validation and token-by-token generation, no look-ahead)
@@ -120,10 +114,6 @@ class RouterConfig:
     # the weights are the pool softmax, so their sum, and the expert output's scale, depends on the pool size.
     normalize_weights: bool = False
     lb_weight: float = 0.1  # total load-balance weight (each layer gets lb_weight / n_layers)
-    # probabilities P_e of the load-balance loss: "masked" = the pool softmax s (the reference; an expert outside
-    # every pool gets no gradient and can starve), "unmasked" = the softmax over all routable experts, so the
-    # loss also reaches the pool preference. Identical for the standard router.
-    lb_probs: BalanceProbs = "masked"
     z_weight: float = 0.001  # total router z-loss weight (each layer gets z_weight / n_layers)
     seed: int = 0  # seeds pool-size generators and expert initialisation
 
@@ -152,18 +142,12 @@ class RouterConfig:
                 f"routed experts per token k'={kr} exceed routable experts E'={er} "
                 f"(num_experts={self.num_experts}, num_shared={self.num_shared})",
             )
-        if not 0.0 <= self.unpooled_fraction <= 1.0:
-            _fail(f"{p}.unpooled_fraction", f"must be in [0, 1], got {self.unpooled_fraction}")
-        if self.pool_warmup_steps < 0:
-            _fail(f"{p}.pool_warmup_steps", f"must be >= 0, got {self.pool_warmup_steps}")
         if self.lb_weight < 0:
             _fail(f"{p}.lb_weight", f"must be >= 0, got {self.lb_weight}")
         if self.z_weight < 0:
             _fail(f"{p}.z_weight", f"must be >= 0, got {self.z_weight}")
         if self.pool_scope not in ("document", "running"):
             _fail(f"{p}.pool_scope", f"must be 'document' or 'running', got {self.pool_scope!r}")
-        if self.lb_probs not in ("masked", "unmasked"):
-            _fail(f"{p}.lb_probs", f"must be 'masked' or 'unmasked', got {self.lb_probs!r}")
         if self.kind == "emo":
             for name in ("pool_min", "pool_eval"):
                 v = getattr(self, name)

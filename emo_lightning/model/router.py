@@ -12,7 +12,6 @@ so the number of documents never needs to be known on the host):
                                                         bound N elsewhere: no host synchronisation)
     pref = zeros(G,E').index_add_(0, c, q)      (G,E')  summed preference per segment
     P    ~ UniformInt[pool_min, pool_max]       (N,)    per flat segment id, seeded generator; pool_eval in eval
-                                                        (lower end raised during pool_warmup_steps)
     bias = 0 on the top-P of each pref row, -inf elsewhere, gathered back to tokens by c   (N,E')
     s    = softmax(z + bias)                    (N,E')  0 outside the pool, sums to 1 inside
     w, idx = topk(s, k')                        (N,k')  not renormalised (unless normalize_weights: w / sum w)
@@ -24,7 +23,6 @@ including t (a segmented cumulative sum, (N,E')), so every token has its own cau
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -121,8 +119,9 @@ def pool_mask(probs: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int) -> 
 class Router(nn.Module):
     """Linear router over the E' routable experts, standard or EMO document-pool.
 
-    Pool sizes are drawn from a per-router CPU ``torch.Generator`` seeded by ``(cfg.seed, layer_idx)``; its
-    state is saved in the state_dict (extra state) so that resuming is exact. ``eval_pool`` (default
+    Pool sizes are drawn from a per-router CPU ``torch.Generator`` seeded by ``(cfg.seed, layer_idx)``. The
+    generator is not checkpointed: a training loop that needs exact resume reseeds it from what identifies the
+    draw (``reseed(derive_seed(seed, rank, step))``, as ``EMOLitModule`` does every optimizer step). ``eval_pool`` (default
     ``cfg.pool_eval``, ``None`` = unrestricted) sets the pool in eval mode; ``pool_scope`` (default
     ``cfg.pool_scope``) whether a pool is chosen from the whole document or from each token's prefix.
     """
@@ -132,9 +131,6 @@ class Router(nn.Module):
         self.kind = cfg.kind
         self.num_routed, self.k = cfg.num_routed, cfg.routed_k
         self.pool_min, self.pool_max = cfg.pool_min, cfg.pool_max
-        self.unpooled_fraction = cfg.unpooled_fraction
-        self.pool_warmup_steps = cfg.pool_warmup_steps
-        self.train_step = 0  # optimizer step, set by the training loop: drives the pool warm-up
         self.normalize_weights = cfg.normalize_weights
         self.eval_pool: int | None = cfg.pool_eval
         self.pool_scope: PoolScope = cfg.pool_scope
@@ -150,24 +146,6 @@ class Router(nn.Module):
         """Reset the pool-size generator to ``(seed, layer_idx)``."""
         self.generator.manual_seed(derive_seed(seed, self.layer_idx, _POOL_STREAM))
 
-    def set_train_step(self, step: int) -> None:
-        """Tell the router the current optimizer step (pool warm-up); derived from the step, so resume-exact."""
-        self.train_step = step
-
-    def pool_range(self) -> tuple[int, int]:
-        """Training pool-size range [lo, pool_max] at the current step: lo falls linearly from pool_max to
-        pool_min over ``pool_warmup_steps`` optimizer steps (lo = pool_min without warm-up)."""
-        w = self.pool_warmup_steps
-        if self.train_step >= w:
-            return self.pool_min, self.pool_max
-        return self.pool_max - (self.pool_max - self.pool_min) * self.train_step // w, self.pool_max
-
-    def get_extra_state(self) -> Any:
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: Any) -> None:
-        self.generator.set_state(state["generator"])
-
     def _pool_sizes(self, n: int, device: torch.device) -> tuple[Tensor | None, int]:
         """Pool size per flat segment id (n,) and its host-side maximum; None = no restriction anywhere."""
         e = self.num_routed
@@ -177,15 +155,10 @@ class Router(nn.Module):
             if self.eval_pool is None or self.eval_pool >= e:
                 return None, e
             return torch.full((n,), self.eval_pool, dtype=torch.long, device=device), self.eval_pool
-        lo, pmax = self.pool_range()
-        p = torch.randint(lo, pmax + 1, (n,), generator=self.generator)
-        if self.unpooled_fraction > 0:
-            free = torch.rand(n, generator=self.generator) < self.unpooled_fraction
-            p = p.masked_fill(free, e)
-            pmax = e
+        p = torch.randint(self.pool_min, self.pool_max + 1, (n,), generator=self.generator)  # (n,)
         if device.type == "cuda":
             p = p.pin_memory()  # a truly asynchronous host-to-device copy: no stream synchronisation
-        return p.to(device, non_blocking=True), pmax
+        return p.to(device, non_blocking=True), self.pool_max
 
     def forward(self, h: Tensor, doc_ids: Tensor) -> RouterOutput:
         """h: (B,S,d) normalised hidden; doc_ids: (B,S) segment ids."""

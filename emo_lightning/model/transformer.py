@@ -102,11 +102,6 @@ class EMOTransformer(nn.Module):
         for r in self.routers():
             r.reseed(seed)
 
-    def set_train_step(self, step: int) -> None:
-        """Tell every router the current optimizer step (drives ``router.pool_warmup_steps``)."""
-        for r in self.routers():
-            r.set_train_step(step)
-
     def forward(
         self,
         input_ids: Tensor,
@@ -133,9 +128,7 @@ class EMOTransformer(nn.Module):
         logits = self.lm_head(self.norm(x))  # (B,S,V)
 
         counts = torch.stack([r.counts for r in routes])  # (L,E') long
-        # the standard router has no pool: its scores already are softmax(logits)
-        masked = rc.lb_probs == "masked" or rc.kind == "standard"
-        pbar = torch.stack([(r.scores if masked else r.logits.softmax(-1)).mean(0) for r in routes])  # (L,E')
+        pbar = torch.stack([r.scores.mean(0) for r in routes])  # (L,E') mean pool softmax (the reference)
         if balance is not None:
             c, t = balance.update(counts, pbar, b * s)
             lb = load_balance(c, t, pbar, rc.routed_k)  # (L,)
