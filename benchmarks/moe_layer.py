@@ -112,20 +112,33 @@ class DeepSpeedMoE(nn.Module):
         return y, l_aux
 
 
-def build_fns(tokens: int, e: int, dev: torch.device, deepspeed: bool = True) -> tuple[dict, dict]:
-    """Closures (forward+backward) of every variant, and the DeepSpeed layers (for their statistics)."""
+def build_fns(
+    tokens: int,
+    e: int,
+    dev: torch.device,
+    deepspeed: bool = True,
+    *,
+    d: int = D,
+    k: int = K,
+    hidden: int = H,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict, dict]:
+    """Closures (forward+backward) of every variant, and the DeepSpeed layers (for their statistics).
+
+    Inputs and weights in ``dtype`` (the router's logits stay fp32); the dense floor has hidden k*hidden.
+    """
     torch.manual_seed(0)
-    x = torch.randn(1, tokens, D, device=dev, requires_grad=True)
-    cot = torch.randn(1, tokens, D, device=dev)
+    x = torch.randn(1, tokens, d, device=dev, dtype=dtype, requires_grad=True)
+    cot = torch.randn(1, tokens, d, device=dev, dtype=dtype)
     doc_ids = torch.zeros(1, tokens, dtype=torch.long, device=dev)
-    dense = SwiGLU(D, K * H).to(dev)
-    arch = ArchConfig(d_model=D, expert_hidden=H, n_heads=4)
-    rcfg = RouterConfig(kind="standard", num_experts=e, num_shared=0, top_k=K)
+    dense = SwiGLU(d, k * hidden).to(dev, dtype)
+    arch = ArchConfig(d_model=d, expert_hidden=hidden, n_heads=4)
+    rcfg = RouterConfig(kind="standard", num_experts=e, num_shared=0, top_k=k)
     layers = {}
     for impl in ("loop", "grouped_mm"):
-        layer = MoELayer(arch, rcfg, impl=impl).to(dev)
+        layer = MoELayer(arch, rcfg, impl=impl)
         layer.reset_parameters(0.02)
-        layers[impl] = layer
+        layers[impl] = layer.to(dev, dtype)
 
     def run_dense() -> None:
         x.grad = None  # as in a training step: no gradient accumulation
@@ -155,7 +168,7 @@ def build_fns(tokens: int, e: int, dev: torch.device, deepspeed: bool = True) ->
     if deepspeed:
         init_dist()
         for name, drop, cf in (("ds_nodrop", False, 1.0), ("ds_cf1.0", True, 1.0), ("ds_cf1.25", True, 1.25)):
-            m = DeepSpeedMoE(drop, cf, D, e, K, H).to(dev)
+            m = DeepSpeedMoE(drop, cf, d, e, k, hidden).to(dev, dtype)
             ds[name] = m
 
             def f(m: DeepSpeedMoE = m) -> None:

@@ -1,0 +1,86 @@
+"""``make gpu-check`` in its CPU dry mode, on a node without the optional packages (so that it cannot rot)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from benchmarks.gpu_check import CONF, flat_yaml, packed_doc_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+# what an air-gapped GPU node may lack: blocked as a None entry in sys.modules (import raises ModuleNotFound)
+BLOCKED = ("deepspeed", "webdataset", "jsonargparse", "omegaconf")
+RUNNABLE = (  # the checks the dry mode can run on a CPU: each must PASS
+    "emo_lightning.model imports only torch",
+    "FlexAttention doc mask vs SDPA bool mask, fp32",
+    "FlexAttention doc mask vs SDPA bool mask, bf16 autocast",
+    "grouped GEMM vs per-expert loop, float32",
+    "grouped GEMM vs per-expert loop, bfloat16",
+    "tiny-model training step, bf16 autocast vs fp32",
+    "Lightning fit logs MFU to TensorBoard",
+)
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("gpu_check")
+    code = (
+        "import sys\n"
+        f"sys.modules.update(dict.fromkeys({BLOCKED!r}))\n"
+        "from benchmarks.gpu_check import main\n"
+        f"sys.exit(main(['--cpu', '--out', {str(out)!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+def test_dry_run_passes_and_writes_results(dry_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    proc, out = dry_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu-check-latest.json").read_text())
+    assert report["dry"] and report["device"] == "cpu" and report["failed"] == 0
+    assert sorted(report["missing_packages"]) == sorted(BLOCKED)
+    assert "| section | check | status |" in (out / "gpu-check-latest.md").read_text()
+    assert len(list(out.glob("gpu-check-cpu-*.json"))) == 1
+    status = {r["name"]: r["status"] for r in report["results"]}
+    assert "FAIL" not in status.values()
+    for name in RUNNABLE:
+        assert status[name] == "PASS", name
+    rows = {r["name"]: r for r in report["results"]}
+    for name, r in rows.items():
+        if name.startswith("no host sync"):
+            assert (r["status"], r["note"]) == ("SKIP", "CUDA only")
+    assert (rows["DeepSpeed MoE layer"]["status"], rows["DeepSpeed MoE layer"]["note"]) == (
+        "SKIP",
+        "missing: deepspeed",
+    )
+    assert "SKIP (missing: deepspeed)" in proc.stdout
+    assert "emo_lightning.parallel.expert_parallel (missing: deepspeed)" in rows["project modules"]["note"]
+    perf = [r for r in report["results"] if r["section"] == "performance" and r["status"] == "INFO"]
+    assert {"tiny (dry) step, EMO / standard", "router: loop reference / EMO, 64 docs/row"} <= {
+        r["name"] for r in perf
+    }
+    assert all(r["value"] for r in perf)
+
+
+def test_flat_yaml_reader_without_pyyaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    presets = [CONF / "arch" / "small.yaml", CONF / "router" / "emo_small.yaml"]
+    expected = [yaml.safe_load(p.read_text()) for p in presets]
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    assert [flat_yaml(p) for p in presets] == expected
+
+
+def test_packed_doc_ids() -> None:
+    doc_ids = packed_doc_ids(3, 512, 64, torch.Generator().manual_seed(0))  # (B,S)
+    assert doc_ids.shape == (3, 512) and (doc_ids[:, 0] == 0).all()
+    step = doc_ids.diff(dim=1)
+    assert ((step == 0) | (step == 1)).all()  # contiguous documents, ids 0,1,2,...
+    for row in doc_ids:
+        lengths = torch.bincount(row)
+        assert (lengths[:-1] >= 8).all()  # all but the cut last document have >= 8 tokens
