@@ -563,7 +563,7 @@ def sync_site(err: BaseException, caught: list[warnings.WarningMessage]) -> str:
         text = str(w.message)
         node = re.search(r"Error detected in (\w+)", text)
         if node:
-            frames = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.*)', text)
+            frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', text)
             inside = [(f, n, c) for f, n, c in frames if str(REPO) in f and ".venv" not in f]
             if inside:
                 f, n, c = inside[-1]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from benchmarks.gpu_check import CONF, flat_yaml, packed_doc_ids
+from benchmarks.gpu_check import CONF, REPO, flat_yaml, guarded, packed_doc_ids, sync_site
 
 ROOT = Path(__file__).resolve().parents[1]
 # what an air-gapped GPU node may lack: blocked as a None entry in sys.modules (import raises ModuleNotFound)
@@ -84,3 +85,42 @@ def test_packed_doc_ids() -> None:
     for row in doc_ids:
         lengths = torch.bincount(row)
         assert (lengths[:-1] >= 8).all()  # all but the cut last document have >= 8 tokens
+
+
+def test_guarded_skips_missing_packages_and_fails_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    def needs_deepspeed() -> list:
+        import deepspeed.moe.layer  # noqa: F401
+
+        return []
+
+    def broken() -> list:
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    (r,) = guarded("performance", "ds", needs_deepspeed)
+    assert (r.status, r.note, r.cells()[2]) == ("SKIP", "missing: deepspeed", "SKIP (missing: deepspeed)")
+    (r,) = guarded("correctness", "x", broken)
+    assert r.status == "FAIL" and r.note.startswith("RuntimeError: boom at tests/test_gpu_check.py:")
+
+
+def test_sync_site_names_the_forward_line_of_a_backward_op() -> None:
+    """The CUDA check's report of where a host sync happened (anomaly mode's forward traceback)."""
+    text = (
+        "Error detected in IndexSelectBackward0. Traceback of forward call that caused the error:\n"
+        f'  File "{REPO}/benchmarks/gpu_check.py", line 10, in f\n    y, r = layer(x, doc_ids)\n'
+        f'  File "{REPO}/emo_lightning/model/moe.py", line 50, in dispatch\n'
+        "    x_sorted = x.index_select(0, order // k)  # (M,d)\n"
+    )
+    caught = [warnings.WarningMessage(UserWarning(text), UserWarning, "engine", 1)]
+    try:
+        raise RuntimeError("called a synchronizing CUDA operation")
+    except RuntimeError as e:
+        site = sync_site(e, caught)
+    assert site == (
+        "backward of IndexSelectBackward0, forward at emo_lightning/model/moe.py:50 "
+        "`x_sorted = x.index_select(0, order // k)  # (M,d)`"
+    )
+    try:
+        raise RuntimeError("called a synchronizing CUDA operation")
+    except RuntimeError as e:
+        assert sync_site(e, []).startswith("tests/test_gpu_check.py:")  # a forward op: its own line
