@@ -14,13 +14,15 @@ CORPUS := data/corpus
 SHARED_CORPUS ?= ../shared/corpus
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: install data data-shared train train-baseline test lint format tensorboard bench clean help smoke-distributed
+.PHONY: install data data-shared train train-baseline test lint format tensorboard bench clean help smoke-distributed \
+	gpu-check
 
 help:
 	@echo "make install         create $(VENV) (torch pinned to $(TORCH_VERSION)) and install emo-lightning"
 	@echo "make train           tiny EMO model on the bundled corpus (CONFIG=..., ARGS='--trainer.max_steps 10')"
 	@echo "make train-baseline  the same with the standard top-k router"
 	@echo "make test            the test suite;  make lint;  make bench;  make tensorboard"
+	@echo "make gpu-check       check and measure the CUDA path in < 8 min (CPU: a short dry run)"
 
 install: $(VENV)/.installed
 
@@ -75,6 +77,15 @@ tensorboard: install
 
 bench: install data
 	$(BIN)/python -m benchmarks.run
+
+# The CUDA path checked and measured in one run (< 8 min on one GPU; a short dry run on a CPU); exits non-zero on
+# a failed check. No install step: on an air-gapped GPU node it runs with the node's python3 and torch
+# (GPU_CHECK_PYTHON=python3; docs/performance.md). GPU_CHECK_ARGS='--out DIR', '--dry', '--only correctness'.
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_CHECK_ARGS ?=
+
+gpu-check:
+	$(GPU_CHECK_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(SHARDS) runs .pytest_cache
