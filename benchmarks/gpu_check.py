@@ -226,6 +226,11 @@ def guarded(section: str, name: str, fn: Callable[..., list[Result]], *args: Any
         return [Result(section, name, "FAIL", note=f"{type(e).__name__}: {msg} at {where}")]
 
 
+def attempt(section: str, name: str, fn: Callable[[], Result]) -> Result:
+    """One row of a multi-row check, guarded on its own (one failing dtype does not hide the others)."""
+    return guarded(section, name, lambda: [fn()])[0]
+
+
 def rel_err(a: Tensor, ref: Tensor) -> float:
     """||a - ref|| / ||ref|| in fp64."""
     a, ref = a.detach().double(), ref.detach().double()
@@ -487,24 +492,26 @@ def check_flex(dev: torch.device, sz: Sizes) -> list[Result]:
     cot = torch.randn_like(x)
     masks = {b: AttentionMask.build(doc_ids, replace(cfg, attention_backend=b)) for b in ("sdpa", "flex")}
     backward = dev.type == "cuda"  # FlexAttention has no backward outside torch.compile (CPU: forward only)
-    rows = []
-    for amp, tol in ((False, 1e-3), (True, 3e-2)):
+    docs = int(doc_ids[:, -1].float().mean()) + 1
+
+    def one(name: str, amp: bool, tol: float) -> Result:
         ref = attention_grads(attn, x, cot, masks["sdpa"], amp, backward)
         flex = attention_grads(attn, x, cot, masks["flex"], amp, backward)
         errs = [rel_err(a, b) for a, b in zip(flex, ref, strict=True)]
-        err = max(errs)
-        what = "fwd+bwd" if backward else "fwd only (CPU)"
-        rows.append(
-            Result(
-                "correctness",
-                f"FlexAttention doc mask vs SDPA bool mask, {'bf16 autocast' if amp else 'fp32'}",
-                "PASS" if err <= tol else "FAIL",
-                f"rel err {sci(errs[0])} out" + (f", {sci(max(errs[1:]))} grads" if backward else ""),
-                f"<= {tol:g}",
-                f"{what}; {int(doc_ids[:, -1].float().mean()) + 1} docs/row",
-                {"errors": errs},
-            )
+        return Result(
+            "correctness",
+            name,
+            "PASS" if max(errs) <= tol else "FAIL",
+            f"rel err {sci(errs[0])} out" + (f", {sci(max(errs[1:]))} grads" if backward else ""),
+            f"<= {tol:g}",
+            f"{'fwd+bwd' if backward else 'fwd only (CPU)'}; {docs} docs/row",
+            {"errors": errs},
         )
+
+    rows = []
+    for amp, tol in ((False, 1e-3), (True, 3e-2)):
+        name = f"FlexAttention doc mask vs SDPA bool mask, {'bf16 autocast' if amp else 'fp32'}"
+        rows.append(attempt("correctness", name, lambda name=name, amp=amp, tol=tol: one(name, amp, tol)))
     return rows
 
 
@@ -531,8 +538,9 @@ def check_grouped(dev: torch.device, sz: Sizes) -> list[Result]:
     x = torch.randn(sz.expert_slots, sz.expert_d, device=dev)
     cot = torch.randn_like(x)
     ref = expert_grads(ex, x.double(), counts, cot.double(), "loop")
-    rows = []
-    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 2e-2)):
+    empty = int((counts == 0).sum())
+
+    def one(name: str, dtype: torch.dtype, tol: float) -> Result:
         errs = {
             impl: max(
                 rel_err(a, b)
@@ -540,17 +548,21 @@ def check_grouped(dev: torch.device, sz: Sizes) -> list[Result]:
             )
             for impl in ("loop", "grouped_mm")
         }
-        bound = max(tol, 2 * errs["loop"])
+        return Result(
+            "correctness",
+            name,
+            "PASS" if errs["grouped_mm"] <= max(tol, 2 * errs["loop"]) else "FAIL",
+            f"rel err vs fp64: grouped {sci(errs['grouped_mm'])}, loop {sci(errs['loop'])}",
+            f"<= max({tol:g}, 2x loop)",
+            f"fwd+bwd; {sz.experts} experts ({empty} empty), {sz.expert_slots} slots",
+            errs,
+        )
+
+    rows = []
+    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 2e-2)):
+        name = f"grouped GEMM vs per-expert loop, {str(dtype).removeprefix('torch.')}"
         rows.append(
-            Result(
-                "correctness",
-                f"grouped GEMM vs per-expert loop, {str(dtype).removeprefix('torch.')}",
-                "PASS" if errs["grouped_mm"] <= bound else "FAIL",
-                f"rel err vs fp64: grouped {sci(errs['grouped_mm'])}, loop {sci(errs['loop'])}",
-                f"<= max({tol:g}, 2x loop)",
-                f"fwd+bwd; {sz.experts} experts ({int((counts == 0).sum())} empty), {sz.expert_slots} slots",
-                errs,
-            )
+            attempt("correctness", name, lambda name=name, dtype=dtype, tol=tol: one(name, dtype, tol))
         )
     return rows
 
@@ -632,7 +644,7 @@ def check_sync(dev: torch.device, sz: Sizes) -> list[Result]:
         def f() -> None:
             x.grad = None
             layer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
                 y, r = layer(x, doc_ids)
             lb = (r.counts.float() * r.scores.mean(0)).sum()
             ((y.float() * cot).sum() + lb + r.z_loss).backward()
@@ -644,6 +656,8 @@ def check_sync(dev: torch.device, sz: Sizes) -> list[Result]:
         Router(replace(rc, pool_scope=scope), arch.d_model).to(dev).train()
         for scope in ("document", "running")
     ]
+    for r in routers:
+        torch.nn.init.normal_(r.weight, std=arch.init_std)
     layer = MoELayer(arch, rc)
     layer.reset_parameters(arch.init_std)
     layer = layer.to(dev).train()
@@ -657,18 +671,16 @@ def check_sync(dev: torch.device, sz: Sizes) -> list[Result]:
         layer_fn(layer, h, True),
         layer_fn(layer_bf16, xb, False),
     ]
-    rows = []
-    for name, fn in zip(names, fns, strict=True):
+
+    def one(name: str, fn: Callable[[], None]) -> Result:
         site = first_sync(fn)
-        rows.append(
-            Result(
-                "correctness",
-                name,
-                "PASS" if site is None else "FAIL",
-                note=f"synchronises at {site}" if site else "fwd+bwd",
-            )
-        )
-    return rows
+        note = f"synchronises at {site}" if site else "fwd+bwd"
+        return Result("correctness", name, "PASS" if site is None else "FAIL", note=note)
+
+    return [
+        attempt("correctness", name, lambda name=name, fn=fn: one(name, fn))
+        for name, fn in zip(names, fns, strict=True)
+    ]
 
 
 def check_amp_step(dev: torch.device, sz: Sizes) -> list[Result]:
