@@ -1,4 +1,8 @@
-"""``emo-data``: offline data preparation (``build-tokenizer``, ``build-shards``, ``inspect``)."""
+"""``emo-data``: offline data preparation (``build-tokenizer``, ``build-shards``, ``inspect``).
+
+Mistakes (a missing file, a bad record, a file that is not a tokenizer...) end with one line ``emo-data: ...``
+and exit status 2 (``--debug`` or ``EMO_DEBUG=1`` shows the traceback).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from data_tools.jsonl import InputError, OnError, SkipLog, iter_records
+from data_tools.errors import ArgumentParser, run_cli
+from data_tools.jsonl import OnError, SkipLog, iter_records
 from data_tools.manifest import Manifest
 from data_tools.shards import build_shards, parse_size
 from data_tools.tokenizer import train_bpe
@@ -61,7 +66,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emo-data", description=__doc__)
+    parser = ArgumentParser(prog="emo-data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build-tokenizer", help="train a byte-level BPE tokenizer on JSONL documents")
@@ -104,13 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``emo-data``; input errors print ``file:line: reason`` and exit with status 1."""
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (InputError, ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"emo-data: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+    """Entry point of ``emo-data``; user errors (e.g. ``file:line: reason: fix``) print one line, exit 2."""
+
+    def run(args: list[str]) -> None:
+        parsed = build_parser().parse_args(args)
+        parsed.func(parsed)
+
+    run_cli("emo-data", run, argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from data_tools.errors import UserError
 from data_tools.manifest import UNKNOWN_DOMAIN
 
 OnError = Literal["fail", "skip"]
@@ -31,11 +32,16 @@ UNREADABLE_FILE = "unreadable_file"
 TOKENIZER_ERROR = "tokenizer_error"
 
 
-class InputError(ValueError):
-    """A bad input record; the message names file and line."""
+class InputError(UserError, ValueError):
+    """A bad input record or file; the message names file and line (line 0: the whole file)."""
 
     def __init__(self, path: str, line: int, reason: str, detail: str) -> None:
-        super().__init__(f"{path}:{line}: {reason}: {detail}")
+        fix = (
+            "check the path"
+            if line == 0
+            else "fix or remove the record (emo-data build-shards --on-error skip skips and counts bad records)"
+        )
+        super().__init__(f"{path}:{line}: {reason}: {detail}", fix)
         self.path, self.line, self.reason, self.detail = path, line, reason, detail
 
     def __reduce__(self):  # picklable across worker processes

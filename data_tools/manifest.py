@@ -1,7 +1,8 @@
 """The shard format: file names, sample fields and ``manifest.json`` (shared by the writer and the reader).
 
-This module is the single place where the on-disk format is defined. It imports only the standard library,
-so both ``data_tools`` (offline preparation) and ``emo_lightning.data`` (the reader) may import it.
+This module is the single place where the on-disk format is defined. It imports only the standard library (and
+:mod:`data_tools.errors`, which does too), so both ``data_tools`` (offline preparation) and
+``emo_lightning.data`` (the reader) may import it.
 
 A shard is a plain WebDataset tar: one sample per document, members ``<key>.tokens.npy`` (1-D uint16/uint32
 token ids, the document's EOS included), ``<key>.domain.txt`` and ``<key>.id.txt`` (UTF-8).
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_tools.errors import UserError
+
 FORMAT = "emo-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -22,6 +25,11 @@ TOKENS_EXT = "tokens.npy"
 DOMAIN_EXT = "domain.txt"
 ID_EXT = "id.txt"
 UNKNOWN_DOMAIN = "unknown"
+REBUILD = "rebuild the shards with `emo-data build-shards` (or `make data`)"
+
+
+class ManifestError(UserError, ValueError):
+    """A missing, unreadable or invalid ``manifest.json``."""
 
 
 @dataclass
@@ -85,11 +93,14 @@ class Manifest:
     def from_dict(cls, data: dict[str, Any], source: str = "<manifest>") -> Manifest:
         """Parse and check a manifest document; errors name ``source``."""
         if data.get("format") != FORMAT:
-            raise ValueError(f"{source}: not an emo-shards manifest (format={data.get('format')!r})")
+            raise ManifestError(
+                f"{source}: not an emo-shards manifest (format={data.get('format')!r})", REBUILD
+            )
         if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
+            raise ManifestError(
                 f"{source}: manifest format_version {data.get('format_version')} is not supported "
-                f"(expected {FORMAT_VERSION}); rebuild the shards with this version of emo-data"
+                f"(expected {FORMAT_VERSION})",
+                REBUILD,
             )
         try:
             domains = {str(k): int(v) for k, v in data["domains"].items()}
@@ -113,7 +124,7 @@ class Manifest:
                 source=source,
             )
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{source}: invalid manifest: {err!r}") from err
+            raise ManifestError(f"{source}: invalid manifest ({err!r})", REBUILD) from err
 
     @classmethod
     def from_json(cls, text: str, source: str = "<manifest>") -> Manifest:
@@ -121,7 +132,7 @@ class Manifest:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{source}: manifest is not valid JSON: {err}") from err
+            raise ManifestError(f"{source}: manifest is not valid JSON ({err})", REBUILD) from err
         return cls.from_dict(data, source)
 
     @classmethod
@@ -130,7 +141,14 @@ class Manifest:
         path = Path(path)
         if path.is_dir():
             path = path / MANIFEST_NAME
-        return cls.from_json(path.read_text(encoding="utf-8"), str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            what = (
+                "no shard manifest" if isinstance(err, FileNotFoundError) else f"unreadable ({err.strerror})"
+            )
+            raise ManifestError(f"{path}: {what}", REBUILD) from None
+        return cls.from_json(text, str(path))
 
     def save(self, path: str | Path) -> None:
         """Write the manifest atomically (``.tmp`` then rename)."""

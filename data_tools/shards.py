@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from data_tools.errors import UserError
 from data_tools.jsonl import TOKENIZER_ERROR, InputError, OnError, Record, SkipLog, handle, iter_records
 from data_tools.manifest import (
     DOMAIN_EXT,
@@ -84,7 +85,7 @@ def parse_size(text: str) -> int:
     """``"65536"``, ``"64k"``, ``"1M"``, ``"2G"`` -> tokens."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", text)
     if not m:
-        raise ValueError(f"invalid size {text!r} (examples: 65536, 64k, 1M)")
+        raise UserError(f"--shard-size {text!r}: not a token count", "use e.g. 65536, 64k, 1M or auto")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
 
@@ -310,14 +311,14 @@ def build_shards(
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     inputs = [str(p) for p in inputs]
     if not inputs:
-        raise ValueError("no input files")
+        raise UserError("--input: no input files", "pass one or more JSONL files (plain or .gz)")
     for p in inputs:
         if not Path(p).is_file():
             raise InputError(p, 0, "unreadable_file", "no such file")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST_NAME).exists() and not overwrite:
-        raise FileExistsError(f"{out}: already holds a shard set (pass --overwrite to replace it)")
+        raise UserError(f"{out}: already holds a shard set", "pass --overwrite to replace it")
     # Without a manifest, shards are the leftovers of an interrupted build: replaced without asking.
     for f in [*out.glob("shard-*.tar"), out / MANIFEST_NAME]:
         f.unlink(missing_ok=True)

@@ -1,4 +1,9 @@
-"""Training and loading tokenizers (any Hugging Face ``tokenizer.json`` works; special tokens detected)."""
+"""Training and loading tokenizers (any Hugging Face ``tokenizer.json`` works; special tokens detected).
+
+User text is text: a loaded tokenizer encodes special-token strings that occur in a document (a web page quoting
+``<|endoftext|>``) as ordinary characters, never as the EOS or PAD id. Only the pipeline adds an EOS, after each
+document.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from data_tools.errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -31,11 +38,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a Hugging Face ``tokenizer.json``; errors name the file."""
+    """Load a Hugging Face ``tokenizer.json`` that encodes special-token strings in text as text."""
+    fix = "pass a Hugging Face tokenizer.json, e.g. data/tokenizer.json"
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such tokenizer file", fix)
     try:
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception for parse errors
-        raise ValueError(f"{path}: cannot load tokenizer: {err}") from err
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{path}: not a tokenizer ({reason})", fix) from err
+    tokenizer.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, not the EOS id
+    return tokenizer
 
 
 def special_ids(
@@ -52,13 +65,16 @@ def special_ids(
             if idx is not None:
                 return cand, idx
         if name:
-            raise ValueError(f"{source}: tokenizer has no {what} token {name!r}")
+            raise UserError(
+                f"{source}: tokenizer has no {what} token {name!r}",
+                f"pass --{what.lower()}-token with one it has",
+            )
         return None
 
     eos = find(eos_token, EOS_CANDIDATES, "EOS")
     if eos is None:
-        raise ValueError(
-            f"{source}: tokenizer has none of the usual EOS tokens {EOS_CANDIDATES}: pass --eos-token"
+        raise UserError(
+            f"{source}: tokenizer has none of the usual EOS tokens {EOS_CANDIDATES}", "pass --eos-token NAME"
         )
     pad = find(pad_token, PAD_CANDIDATES, "PAD") or eos
     return eos[0], eos[1], pad[0], pad[1]

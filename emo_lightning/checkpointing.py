@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from emo_lightning.errors import UserError
+
 log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
@@ -38,15 +40,15 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (nothing partial was left behind)."""
 
 
-class CheckpointDirError(OSError):
+class CheckpointDirError(UserError, OSError):
     """The checkpoint folder cannot hold checkpoints (not creatable, not writable, too little space)."""
 
 
-class CorruptCheckpointError(ValueError):
-    """A checkpoint file is incomplete (truncated) or damaged (bad CRC)."""
+class CorruptCheckpointError(UserError, ValueError):
+    """A checkpoint file is missing, incomplete (truncated), damaged (bad CRC) or not a checkpoint at all."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's weights do not fit the current model (other shapes or parameter names)."""
 
 
@@ -167,7 +169,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         if "://" not in str(path) and Path(path).is_file() and not is_complete_checkpoint(path):
-            raise CorruptCheckpointError(f"checkpoint {path} is incomplete or corrupt (truncated or bad CRC)")
+            raise CorruptCheckpointError(
+                f"checkpoint {path} is incomplete or corrupt (truncated or bad CRC)",
+                "resume from an older checkpoint (the step*.ckpt files beside it)",
+            )
         kwargs: dict[str, Any] = {"weights_only": weights_only}
         if map_location is not None:
             kwargs["map_location"] = map_location

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from emo_lightning.checkpointing import CheckpointMismatchError, describe_mismatch
+from emo_lightning.errors import UserError
 from emo_lightning.metrics import DomainLoss, TokenPerplexity
 from emo_lightning.model import (
     ArchConfig,
@@ -46,14 +47,14 @@ class EMOLitModule(L.LightningModule):
 
     def __init__(
         self,
-        arch: ArchConfig | None = None,
-        router: RouterConfig | None = None,
-        optim: OptimConfig | None = None,
+        arch: ArchConfig = ArchConfig(),
+        router: RouterConfig = RouterConfig(),
+        optim: OptimConfig = OptimConfig(),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.config = ModelConfig(arch=arch or ArchConfig(), router=router or RouterConfig())
-        self.optim_config = optim or OptimConfig()
+        self.config = ModelConfig(arch=arch, router=router)
+        self.optim_config = optim
         self.model: EMOTransformer | None = (
             None  # built in configure_model (directly on the device / sharded)
         )
@@ -78,14 +79,16 @@ class EMOLitModule(L.LightningModule):
         if datamodule is not None:
             vocab = getattr(datamodule, "vocab_size", None)
             if vocab is not None and vocab > self.config.arch.vocab_size:
-                raise ValueError(
+                raise UserError(
                     f"model.arch.vocab_size={self.config.arch.vocab_size} is smaller than the tokenizer's "
-                    f"vocabulary ({vocab} ids, from the data manifest): set --model.arch.vocab_size {vocab}"
+                    f"vocabulary ({vocab} ids, from the data manifest)",
+                    f"set --model.arch.vocab_size {vocab}",
                 )
             seq_len = getattr(datamodule, "seq_len", None)
             if seq_len is not None and seq_len > self.config.arch.max_seq_len:
-                raise ValueError(
-                    f"data.seq_len={seq_len} exceeds model.arch.max_seq_len={self.config.arch.max_seq_len}"
+                raise UserError(
+                    f"data.seq_len={seq_len} exceeds model.arch.max_seq_len={self.config.arch.max_seq_len}",
+                    f"set --data.seq_len {self.config.arch.max_seq_len} or --model.arch.max_seq_len {seq_len}",
                 )
             self.domains = list(getattr(datamodule, "domains", []) or [])
         if self.domains and self.val_domain_loss is None:
@@ -217,9 +220,11 @@ class EMOLitModule(L.LightningModule):
                 if getattr(cur, k, None) != v
             ]
             raise CheckpointMismatchError(
-                "the checkpoint does not fit this model configuration: "
+                "the checkpoint does not fit this model configuration ("
                 + "; ".join(problems)
-                + (". Configuration differences: " + "; ".join(diffs) if diffs else "")
+                + ("; configuration differences: " + "; ".join(diffs) if diffs else "")
+                + ")",
+                "resume with the checkpoint's model settings, or start a new run (another --experiment)",
             )
 
     # -------------------------------------------------------------- optimizer
@@ -233,8 +238,9 @@ class EMOLitModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         if total is None and self.optim_config.decay_steps is None:
-            raise ValueError(
-                "set trainer.max_steps or model.optim.decay_steps: the cosine schedule needs a length"
+            raise UserError(
+                "trainer.max_steps is not set",
+                "set it or model.optim.decay_steps (the cosine schedule's length)",
             )
         optimizer, scheduler = build_optimizer(self.model, self.optim_config, total or 0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from emo_lightning.errors import ConfigError
+
 
 @dataclass
 class OptimConfig:
@@ -33,13 +35,17 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
-            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+            raise ConfigError("optim.lr", f"must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError("optim.min_lr_ratio", f"must lie in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ConfigError("optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+            raise ConfigError("optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.decay_steps is not None and self.decay_steps <= 0:
+            raise ConfigError(
+                "optim.decay_steps", f"must be > 0 (or null: trainer.max_steps), got {self.decay_steps}"
+            )
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -24,8 +24,10 @@ SHARED = Path(os.environ.get("EMO_SHARED", ROOT.parent / "shared"))
 TOKENIZER = ROOT / "data" / "tokenizer.json"
 BUNDLED = ROOT / "data" / "corpus"
 DOMAINS = ("code", "literature", "math", "science")
-# characters of text per domain in the tiny test corpus (~1 MB of training text in all)
+# characters of text per domain in the tiny test corpus (~1 MB of training text in all), documents cut to
+# DOC_CHARS (like the shared tiny corpus: many short documents, so that small shards hold whole documents)
 TINY_CHARS = {"train": 250_000, "val": 40_000}
+DOC_CHARS = 1500
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +77,8 @@ def build_shards(inputs: list[Path], out: Path, shard_size: int = 200) -> Path:
 
 
 def cut_corpus(split: str, out: Path, chars: int) -> Path:
-    """The first documents of each bundled domain of ``split`` up to ``chars`` characters, as one JSONL file."""
+    """The first documents (cut to ``DOC_CHARS``) of each bundled domain of ``split`` up to ``chars``
+    characters, as one JSONL file."""
     with open(out, "w", encoding="utf-8") as f:
         for domain in DOMAINS:
             budget = chars
@@ -83,8 +86,10 @@ def cut_corpus(split: str, out: Path, chars: int) -> Path:
                 for line in src:
                     if budget <= 0:
                         break
-                    budget -= len(json.loads(line)["text"])
-                    f.write(line)
+                    record = json.loads(line)
+                    record["text"] = record["text"][:DOC_CHARS]
+                    budget -= len(record["text"])
+                    f.write(json.dumps(record) + "\n")
     return out
 
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 import yaml
 
+from emo_lightning.checkpointing import CheckpointMismatchError
 from emo_lightning.cli import build_cli, main
+from emo_lightning.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = str(ROOT / "conf" / "experiment" / "emo_tiny.yaml")
@@ -71,23 +73,107 @@ def test_explicit_model_arguments_win_over_checkpoint_hyperparameters(
     assert changed.model.config.router.pool_eval == 2  # an explicit argument is not silently dropped
     assert changed.model.config.router.pool_min == 3
     # an explicit architecture change is applied too, and then refused with the keys named
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(CheckpointMismatchError, match=r"arch\.d_model: checkpoint 32, current 16"):
         validate("--model.arch.d_model=16")
-    assert exit_info.value.code == 1
-    assert "arch.d_model: checkpoint 32, current 16" in capsys.readouterr().err
 
 
-def test_config_error_names_the_key(tmp_path: Path, tiny_shards, capsys) -> None:
+def user_error(capsys: pytest.CaptureFixture[str], args: list[str]) -> str:
+    """Run ``emo`` with ``args``: it must exit 2 and end with one ``emo: ...`` line (no traceback)."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *small_run_args(tmp_path, tiny_shards, "--model.router.pool_min", "1")])
-    assert exit_info.value.code == 2
-    assert "router.pool_min" in capsys.readouterr().err
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err
+    last = err.rstrip("\n").splitlines()[-1]
+    assert last.startswith("emo: "), err
+    return last
 
 
-def test_unknown_key_is_rejected(tmp_path: Path, tiny_shards, capsys) -> None:
-    with pytest.raises(SystemExit):
-        main(["fit", *small_run_args(tmp_path, tiny_shards, "--model.router.pool_minimum", "4")])
-    assert "pool_minimum" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        (
+            ["--model.router.pool_min", "1"],
+            "emo: router.pool_min: must be >= routed experts per token k'=top_k-num_shared=2, got pool_min=1 "
+            "(top-k would pick experts outside the pool)",
+        ),
+        (["--model.optim.lr", "0"], "emo: optim.lr: must be > 0, got 0.0"),
+        (["--data.seq_len", "0"], "emo: data.seq_len: must be >= 1, got 0"),
+        (
+            ["--model.router.kind", "topk"],
+            "emo: model.router.kind: must be one of 'emo', 'standard', got 'topk'",
+        ),
+        (["--model.arch.d_model", "wide"], "emo: model.arch.d_model: must be int, got 'wide'"),
+        (
+            ["--model.router.pool_minimum", "4"],
+            "emo: unknown option --model.router.pool_minimum: did you mean --model.router.pool_min? "
+            "`emo fit --help` lists every option",
+        ),
+    ],
+)
+def test_config_mistakes_end_in_one_line(
+    tmp_path: Path, tiny_shards, capsys, extra: list[str], line: str
+) -> None:
+    assert user_error(capsys, ["fit", *small_run_args(tmp_path, tiny_shards, *extra)]) == line
+
+
+def test_unknown_key_in_a_config_file(tmp_path: Path, tiny_shards, capsys) -> None:
+    extra = tmp_path / "typo.yaml"
+    extra.write_text("model.router.pool_minn: 3\n")
+    args = ["fit", *small_run_args(tmp_path, tiny_shards), "--config", str(extra)]
+    assert user_error(capsys, args) == (
+        "emo: unknown config key 'model.router.pool_minn': did you mean model.router.pool_min? "
+        "`emo fit --help` lists every key"
+    )
+
+
+def test_data_and_checkpoint_mistakes_end_in_one_line(tmp_path: Path, tiny_shards, capsys) -> None:
+    missing = tmp_path / "nowhere"
+    assert user_error(
+        capsys, ["fit", *small_run_args(tmp_path, tiny_shards, "--data.train_shards", str(missing))]
+    ) == (
+        f"emo: data.train_shards: {missing}: no such shard folder: build them with `make data` (the bundled "
+        "corpus) or `emo-data build-shards --input FILES --out DIR`"
+    )
+    (tmp_path / "empty").mkdir()
+    args = small_run_args(tmp_path, tiny_shards, "--data.train_shards", str(tmp_path / "empty"))
+    assert user_error(capsys, ["fit", *args]) == (
+        f"emo: {tmp_path / 'empty' / 'manifest.json'}: no shard manifest: rebuild the shards with "
+        "`emo-data build-shards` (or `make data`)"
+    )
+    assert user_error(
+        capsys, ["fit", *small_run_args(tmp_path, tiny_shards, "--model.arch.vocab_size", "100")]
+    ) == (
+        "emo: model.arch.vocab_size=100 is smaller than the tokenizer's vocabulary (4096 ids, from the data "
+        "manifest): set --model.arch.vocab_size 4096"
+    )
+    assert user_error(capsys, ["fit", *small_run_args(tmp_path, tiny_shards, "--data.seq_len", "512")]) == (
+        "emo: data.seq_len=512 exceeds model.arch.max_seq_len=256: set --data.seq_len 256 or "
+        "--model.arch.max_seq_len 512"
+    )
+    ckpt = tmp_path / "missing.ckpt"
+    assert user_error(
+        capsys, ["validate", *small_run_args(tmp_path, tiny_shards), "--ckpt_path", str(ckpt)]
+    ) == (
+        f"emo: ckpt_path {ckpt}: no such checkpoint: pass a .ckpt written by `emo fit` (or `--ckpt_path last`)"
+    )
+    ckpt.write_text("not a checkpoint")
+    assert user_error(
+        capsys, ["validate", *small_run_args(tmp_path, tiny_shards), "--ckpt_path", str(ckpt)]
+    ) == (f"emo: ckpt_path {ckpt}: not a checkpoint (or truncated): pass a .ckpt written by `emo fit`")
+
+
+@pytest.mark.parametrize("how", ["env", "flag"])
+def test_debug_shows_the_traceback_of_a_user_error(
+    tmp_path: Path, tiny_shards, monkeypatch, how: str
+) -> None:
+    args = ["fit", *small_run_args(tmp_path, tiny_shards, "--model.router.pool_min", "1")]
+    if how == "env":
+        monkeypatch.setenv("EMO_DEBUG", "1")
+    else:
+        args.append("--debug")
+    with pytest.raises(ConfigError, match=r"router\.pool_min"):
+        main(args)
 
 
 CPU_OVERRIDES = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",

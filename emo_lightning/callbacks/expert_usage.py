@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from emo_lightning.errors import ConfigError
 from emo_lightning.metrics.expert_usage import ExpertUsage
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ class ExpertUsageMonitor(L.Callback):
         log_every_n_steps: window length in optimizer steps (scalars and histograms).
         layers: model layers to monitor (None = all).
         heatmap_layers: layers with a heatmap image (None = first, middle and last monitored layer).
-        image_every_n_steps: interval of the matplotlib images (None = 10 x ``log_every_n_steps``; 0 = never).
+        image_every_n_steps: interval of the matplotlib images (None = 10 x ``log_every_n_steps``; 0 = never);
+            the first window always has them, so a new run shows its heatmaps after ``log_every_n_steps`` steps.
         collapse_dead_fraction: warn when a layer's dead-expert fraction exceeds this ...
         collapse_imbalance: ... or its max/mean load exceeds this ...
         collapse_windows: ... for this many consecutive windows.
@@ -73,7 +75,7 @@ class ExpertUsageMonitor(L.Callback):
     ) -> None:
         super().__init__()
         if log_every_n_steps < 1:
-            raise ValueError("log_every_n_steps must be >= 1")
+            raise ConfigError("expert_usage.log_every_n_steps", f"must be >= 1, got {log_every_n_steps}")
         self.log_every_n_steps = log_every_n_steps
         self.image_every_n_steps = (
             10 * log_every_n_steps if image_every_n_steps is None else image_every_n_steps
@@ -90,6 +92,7 @@ class ExpertUsageMonitor(L.Callback):
         self.collapse_streak = 0
         self._one_domain = False
         self._last_logged = -1
+        self._imaged = False  # the first logged window draws the images, whatever the step
         self._routed_k = 0
 
     # ---------------------------------------------------------------- setup
@@ -101,9 +104,7 @@ class ExpertUsageMonitor(L.Callback):
         n_layers = config.arch.n_layers
         self.layers = list(range(n_layers)) if self.layers is None else self.layers
         if not self.layers or not all(0 <= i < n_layers for i in self.layers):
-            raise ValueError(
-                f"ExpertUsageMonitor layers={self.layers}: the model has layers 0..{n_layers - 1}"
-            )
+            raise ConfigError(f"expert_usage.layers={self.layers}", f"the model has layers 0..{n_layers - 1}")
         if self.heatmap_layers is None:
             picks = (self.layers[0], self.layers[len(self.layers) // 2], self.layers[-1])
             self.heatmap_layers = sorted(set(picks))
@@ -177,7 +178,12 @@ class ExpertUsageMonitor(L.Callback):
                 writer.add_histogram(f"experts/load/layer{layer}", load / load.mean().clamp_min(1e-12), step)
             if collapse_msg:
                 writer.add_text("usage/collapse", collapse_msg, step)
-        if writers and self.image_every_n_steps > 0 and step % self.image_every_n_steps == 0:
+        if (
+            writers
+            and self.image_every_n_steps > 0
+            and (step % self.image_every_n_steps == 0 or not self._imaged)
+        ):
+            self._imaged = True
             figures = self.figures(result)
             for writer in writers:
                 for tag, fig in figures.items():

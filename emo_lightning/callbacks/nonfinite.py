@@ -22,6 +22,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from emo_lightning.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +40,7 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, max_consecutive: int = 3) -> None:
         if max_consecutive < 1:
-            raise ValueError(f"nonfinite.max_consecutive must be >= 1, got {max_consecutive}")
+            raise ConfigError("nonfinite.max_consecutive", f"must be >= 1, got {max_consecutive}")
         self.max_consecutive = max_consecutive
         self.skipped = 0  # total skipped optimizer steps (this run)
         self.consecutive = 0

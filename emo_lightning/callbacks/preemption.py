@@ -25,6 +25,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from emo_lightning.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -40,7 +42,7 @@ class PreemptionCheckpoint(Callback):
         self.signals = list(signals) if signals is not None else ["SIGTERM", "SIGUSR1"]
         for name in self.signals:
             if not isinstance(getattr(signal, name, None), signal.Signals):
-                raise ValueError(f"preemption.signals: unknown signal {name!r}")
+                raise ConfigError("preemption.signals", f"unknown signal {name!r} (e.g. SIGTERM, SIGUSR1)")
         self.requeue = requeue
         self.received: int | None = None
         self.saved_path: str | None = None

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from data_tools.manifest import Manifest
 from emo_lightning.data.dataset import PackedShardDataset
 from emo_lightning.data.shards import expand_shards, load_manifest, shard_tokens
+from emo_lightning.errors import ConfigError, UserError
 
 
 class StreamLoader(DataLoader):
@@ -69,6 +70,18 @@ class ShardDataModule(L.LightningDataModule):
         max_bad_shard_fraction: float = 0.1,
     ) -> None:
         super().__init__()
+        for name, value, low in (
+            ("seq_len", seq_len, 1),
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("shuffle_buffer", shuffle_buffer, 0),
+        ):
+            if value < low:
+                raise ConfigError(f"data.{name}", f"must be >= {low}, got {value}")
+        if not 0.0 <= max_bad_shard_fraction <= 1.0:
+            raise ConfigError(
+                "data.max_bad_shard_fraction", f"must lie in [0, 1], got {max_bad_shard_fraction}"
+            )
         self.train_shards, self.val_shards, self.manifest_path = train_shards, val_shards, manifest
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
@@ -85,10 +98,13 @@ class ShardDataModule(L.LightningDataModule):
     def manifest(self) -> Manifest:
         """The training manifest (read on first use)."""
         if self._manifest is None:
-            urls, implied = expand_shards(self.train_shards)
+            urls, implied = expand_shards(self.train_shards, "data.train_shards")
             location = self.manifest_path or implied
             if location is None:
-                raise ValueError(f"cannot locate the manifest of {self.train_shards!r}: pass manifest=...")
+                raise UserError(
+                    f"data.train_shards: cannot locate the manifest of {self.train_shards!r}",
+                    "pass --data.manifest (the manifest.json of these shards)",
+                )
             self._manifest, self._train_urls = load_manifest(location), urls
         return self._manifest
 
@@ -126,15 +142,16 @@ class ShardDataModule(L.LightningDataModule):
             if self.val_shards is None:
                 self._val = ([], None)
             else:
-                urls, location = expand_shards(self.val_shards)
+                urls, location = expand_shards(self.val_shards, "data.val_shards")
                 val_manifest = load_manifest(location) if location else None
                 if val_manifest is not None:
                     ours = self.manifest.tokenizer.get("sha256")
                     theirs = val_manifest.tokenizer.get("sha256")
                     if ours and theirs and ours != theirs:
-                        raise ValueError(
+                        raise UserError(
                             f"{val_manifest.source}: validation shards were built with another tokenizer "
-                            f"(sha256 {theirs[:12]}, training {ours[:12]})"
+                            f"(sha256 {theirs[:12]}, training {ours[:12]})",
+                            "rebuild them with the training shards' tokenizer",
                         )
                 self._val = (urls, val_manifest)
         return self._val
@@ -181,7 +198,10 @@ class ShardDataModule(L.LightningDataModule):
         assert self._train_urls is not None
         tokens = shard_tokens(self._train_urls, manifest)
         if tokens is None:
-            raise ValueError(f"some training shards are not listed in {manifest.source}")
+            raise UserError(
+                f"data.train_shards: some shards are not listed in {manifest.source}",
+                "point data.train_shards at the shard folder, or pass the manifest that lists them",
+            )
         return self._dataset(self._train_urls, tokens, train=True)
 
     def val_dataset(self) -> PackedShardDataset | None:

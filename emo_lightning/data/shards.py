@@ -13,8 +13,12 @@ import numpy as np
 from webdataset.gopen import gopen
 
 from data_tools.manifest import DOMAIN_EXT, MANIFEST_NAME, TOKENS_EXT, Manifest
+from emo_lightning.errors import UserError
 
 URL_SEPARATOR = "::"
+BUILD_SHARDS = (
+    "build them with `make data` (the bundled corpus) or `emo-data build-shards --input FILES --out DIR`"
+)
 _NPY_MAGIC = b"\x93NUMPY"
 _DESCR = re.compile(r"'descr':\s*'([<|>]?[ui][1248])'")
 
@@ -23,12 +27,13 @@ def _is_url(spec: str) -> bool:
     return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", spec) is not None and not Path(spec).exists()
 
 
-def expand_shards(spec: str) -> tuple[list[str], str | None]:
+def expand_shards(spec: str, key: str = "shards") -> tuple[list[str], str | None]:
     """Shard URLs of ``spec`` and the manifest location implied by it (``None`` if it cannot be inferred).
 
     ``spec`` is a directory holding ``manifest.json`` (its shards, in manifest order), a brace pattern
     (``data/train/shard-{000000..000063}.tar``, ``pipe:aws s3 cp s3://b/shard-{000..099}.tar -``) or several
-    of these separated by ``::``.
+    of these separated by ``::``. A local folder or file that does not exist is a :class:`UserError` naming
+    ``key`` (e.g. ``data.train_shards``).
     """
     urls: list[str] = []
     manifest: str | None = None
@@ -37,7 +42,10 @@ def expand_shards(spec: str) -> tuple[list[str], str | None]:
         if not part:
             continue
         path = Path(part)
-        if not _is_url(part) and path.is_dir():
+        local = not _is_url(part)
+        if local and "{" not in part and not path.exists():
+            raise UserError(f"{key}: {part}: no such shard folder", BUILD_SHARDS)
+        if local and path.is_dir():
             m = Manifest.load(path)
             urls.extend(str(path / s.name) for s in m.shards)
             manifest = manifest or str(path / MANIFEST_NAME)
@@ -48,7 +56,7 @@ def expand_shards(spec: str) -> tuple[list[str], str | None]:
             candidate = Path(expanded[0]).parent / MANIFEST_NAME
             manifest = str(candidate) if candidate.exists() else None
     if not urls:
-        raise ValueError(f"no shards in {spec!r}")
+        raise UserError(f"{key}: no shards in {spec!r}", BUILD_SHARDS)
     return urls, manifest
 
 

@@ -8,12 +8,15 @@ the kept experts. No Lightning import: the configs are plain dataclasses.
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from emo_lightning.errors import UserError
 from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterConfig
 from emo_lightning.optim import OptimConfig
 
@@ -40,11 +43,18 @@ class LoadedModel:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw checkpoint dict (CPU tensors); a clear error for a missing or foreign file."""
     path = Path(path)
+    fix = "pass a .ckpt written by `emo fit` or `emo-experts prune` (DeepSpeed: consolidate it first)"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(f"{path}: not an emo-lightning checkpoint (no state_dict / hyper_parameters)")
+        raise UserError(f"{path}: no such checkpoint", fix)
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a checkpoint (not a torch.save archive, or truncated)", fix)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
+        reason = str(err).split(". ")[0].splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{path}: not a readable checkpoint ({reason})", fix) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise UserError(f"{path}: not an emo-lightning checkpoint (no state_dict / hyper_parameters)", fix)
     return ckpt
 
 

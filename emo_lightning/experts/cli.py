@@ -1,16 +1,20 @@
-"""``emo-experts``: routes, expert selection, pruning, evaluation and the modularity report."""
+"""``emo-experts``: routes, expert selection, pruning, evaluation and the modularity report.
+
+Mistakes (a missing checkpoint, a subset of another model, a tokenizer that does not fit...) end with one line
+``emo-experts: ...`` and exit status 2 (``--debug`` or ``EMO_DEBUG=1`` shows the traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from emo_lightning.errors import ArgumentParser, UserError, run_cli
 from emo_lightning.experts.checkpoint import LoadedModel, load_model, read_checkpoint, save_checkpoint
 from emo_lightning.experts.documents import (
     DEFAULT_TOKENIZER,
@@ -48,8 +52,19 @@ def _routing_arg(p: argparse.ArgumentParser, choices: str = "full | pool:P | run
     )
 
 
+def _counts(text: str) -> list[int]:
+    """``"1,8"`` -> [1, 8] (positive integers)."""
+    try:
+        counts = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (1,8), got {text!r}")
+    return counts
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="emo-experts",
         description="Pick a few experts for a domain, cut the model down to them, and measure what is left.",
     )
@@ -100,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keep", default="0.0625,0.125,0.25,0.5,1", help="comma-separated keep fractions or counts"
     )
-    p.add_argument("--shots", default="1,8", help="comma-separated calibration document counts")
+    p.add_argument("--shots", type=_counts, default="1,8", help="comma-separated calibration document counts")
     p.add_argument("--calib-docs", type=int, default=8, help="calibration documents per domain")
     p.add_argument("--eval-docs", type=int, default=50, help="evaluation documents per domain (disjoint)")
     p.add_argument("--random-seeds", type=int, default=3, help="random subsets per domain and keep")
@@ -123,9 +138,10 @@ def _load_subset(path: str, lm: LoadedModel) -> Subset:
     subset = Subset.from_dict(json.loads(Path(path).read_text()), path)
     rc = lm.config.router
     if (subset.num_experts, subset.num_shared) != (rc.num_experts, rc.num_shared):
-        raise ValueError(
+        raise UserError(
             f"{path}: subset is for {subset.num_experts} experts ({subset.num_shared} shared), the checkpoint "
-            f"has {rc.num_experts} ({rc.num_shared} shared)"
+            f"has {rc.num_experts} ({rc.num_shared} shared)",
+            "select the subset from this checkpoint (`emo-experts select --ckpt ...`)",
         )
     return subset
 
@@ -133,8 +149,10 @@ def _load_subset(path: str, lm: LoadedModel) -> Subset:
 def _docs(args: argparse.Namespace, lm: LoadedModel):
     tok = DocumentTokenizer(args.tokenizer)
     if tok.vocab_size > lm.config.arch.vocab_size:
-        raise ValueError(
-            f"{args.tokenizer}: vocabulary {tok.vocab_size} exceeds the model's {lm.config.arch.vocab_size}"
+        raise UserError(
+            f"--tokenizer {args.tokenizer}: vocabulary {tok.vocab_size} exceeds the model's "
+            f"{lm.config.arch.vocab_size}",
+            "pass the tokenizer the model was trained with",
         )
     docs = load_documents(args.data, tok)
     if getattr(args, "max_docs", None):
@@ -243,7 +261,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     cfg = ReportConfig(
         keep=[k.strip() for k in args.keep.split(",") if k.strip()],
-        shots=[int(s) for s in args.shots.split(",") if s.strip()],
+        shots=args.shots,
         n_calib=args.calib_docs,
         n_eval=args.eval_docs,
         random_seeds=args.random_seeds,
@@ -255,10 +273,10 @@ def cmd_report(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     if max(cfg.shots) > cfg.n_calib:
-        raise ValueError(f"--shots {max(cfg.shots)} exceeds --calib-docs {cfg.n_calib}")
+        raise UserError(f"--shots {max(cfg.shots)} exceeds --calib-docs {cfg.n_calib}", "raise --calib-docs")
     for flag, other in (("emo", "standard"), ("baseline", "emo")):
         if getattr(args, flag) is None and args.only != other:
-            raise ValueError(f"--{flag} is required (unless --only {other})")
+            raise UserError(f"--{flag} is missing", f"pass a checkpoint (or --only {other})")
     run_report(
         args.emo, args.baseline, args.data, args.out, cfg, args.tokenizer, not args.no_progress, args.only
     )
@@ -278,12 +296,13 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"emo-experts {args.command}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """Entry point of ``emo-experts`` (user errors: one line, exit 2)."""
+
+    def run(args: list[str]) -> None:
+        parsed = build_parser().parse_args(args)
+        COMMANDS[parsed.command](parsed)
+
+    run_cli("emo-experts", run, argv)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ from torch import Tensor
 from data_tools.jsonl import Record, SkipLog, iter_records
 from data_tools.tokenizer import load_tokenizer, special_ids
 from emo_lightning.data.packing import Packer
+from emo_lightning.errors import UserError
 
 DEFAULT_TOKENIZER = "data/tokenizer.json"
+DATA_FIX = "pass a JSON Lines file of documents (text, domain) or a folder of them, e.g. data/corpus/val"
 
 
 @dataclass
@@ -49,10 +51,10 @@ def input_files(path: str | Path) -> list[Path]:
     if path.is_dir():
         files = sorted([*path.glob("*.jsonl"), *path.glob("*.jsonl.gz")])
         if not files:
-            raise FileNotFoundError(f"{path}: no *.jsonl or *.jsonl.gz files")
+            raise UserError(f"--data {path}: no *.jsonl or *.jsonl.gz files in this folder", DATA_FIX)
         return files
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file or directory")
+        raise UserError(f"--data {path}: no such file or directory", DATA_FIX)
     return [path]
 
 

@@ -16,6 +16,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from emo_lightning.errors import UserError
 from emo_lightning.model import EMOTransformer, ModelConfig, MoELayer, RouterConfig
 
 
@@ -40,18 +41,18 @@ def pruned_router_config(rc: RouterConfig, kept_routed: int) -> RouterConfig:
 
 def check_subset(kept: Sequence[Sequence[int]], rc: RouterConfig, n_layers: int) -> list[list[int]]:
     """Validate per-layer kept routable ids (same count everywhere, distinct, in range); sorted copies."""
+    fix = "select the subset from this checkpoint (`emo-experts select --ckpt ...`)"
     if len(kept) != n_layers:
-        raise ValueError(f"subset has {len(kept)} layers, the model has {n_layers}")
+        raise UserError(f"subset has {len(kept)} layers, the model has {n_layers}", fix)
     out = [sorted(int(e) for e in layer) for layer in kept]
     sizes = {len(layer) for layer in out}
     if len(sizes) != 1:
-        raise ValueError(
-            f"every layer must keep the same number of routable experts, got sizes {sorted(sizes)}"
-        )
+        raise UserError(f"subset keeps different numbers of routable experts per layer: {sorted(sizes)}", fix)
     for i, layer in enumerate(out):
         if len(set(layer)) != len(layer) or not all(0 <= e < rc.num_routed for e in layer):
-            raise ValueError(
-                f"layer {i}: kept ids must be distinct routable ids in [0, {rc.num_routed}): {layer}"
+            raise UserError(
+                f"subset layer {i}: kept ids must be distinct routable ids in [0, {rc.num_routed}), got {layer}",
+                fix,
             )
     return out
 

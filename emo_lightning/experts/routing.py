@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
+from emo_lightning.errors import UserError
 from emo_lightning.model import EMOTransformer
 
 RoutingKind = Literal["full", "pool", "running", "causal"]
@@ -51,8 +52,9 @@ def parse_routing(spec: str) -> Routing:
             return Routing("causal", int(parts[1]), int(parts[2]))
     except ValueError:
         pass
-    raise ValueError(
-        f"routing must be full, pool:P, running:P or causal:P:N (positive integers), got {spec!r}"
+    raise UserError(
+        f"--routing {spec!r}: unknown routing",
+        "use full, pool:P, running:P or causal:P:N (positive integers)",
     )
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from emo_lightning.errors import UserError
 from emo_lightning.experts.documents import DocBatch
 from emo_lightning.experts.prune import prune_layer, pruned_router_config
 from emo_lightning.experts.routing import FULL, Routing, eval_routing
@@ -60,20 +61,24 @@ class Subset:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<subset>") -> Subset:
+        fix = "pass a subset.json written by `emo-experts select`"
         if data.get("format") != SUBSET_FORMAT:
-            raise ValueError(f"{source}: not an expert subset (format {data.get('format')!r})")
+            raise UserError(f"{source}: not an expert subset (format {data.get('format')!r})", fix)
         known = {"format", "version", "method", "keep", "keep_routed", "num_experts", "num_shared"}
         known |= {"shared", "layers", "scores"}
         info = {k: v for k, v in data.items() if k not in known}
-        return cls(
-            [list(map(int, layer)) for layer in data["layers"]],
-            int(data["keep"]),
-            int(data["num_experts"]),
-            int(data["num_shared"]),
-            str(data["method"]),
-            data.get("scores"),
-            info,
-        )
+        try:
+            return cls(
+                [list(map(int, layer)) for layer in data["layers"]],
+                int(data["keep"]),
+                int(data["num_experts"]),
+                int(data["num_shared"]),
+                str(data["method"]),
+                data.get("scores"),
+                info,
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{source}: invalid expert subset ({err!r})", fix) from None
 
 
 def parse_keep(keep: str | float, rc: RouterConfig) -> int:
@@ -83,16 +88,20 @@ def parse_keep(keep: str | float, rc: RouterConfig) -> int:
     ``1.0``) is the fraction "all experts"; for a single expert give its fraction (``0.0625`` of 16).
     """
     text = str(keep).strip()
-    value = float(text)
+    fix = f"give a fraction in (0, 1] (0.25) or a count in [1, {rc.num_experts}] (4)"
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--keep {text!r}: not a number", fix) from None
     is_fraction = "." in text or "e" in text.lower() or value <= 1
     if is_fraction:
         if not 0 < value <= 1:
-            raise ValueError(f"keep fraction must lie in (0, 1], got {text}")
+            raise UserError(f"--keep {text}: a fraction must lie in (0, 1]", fix)
         count = round(value * rc.num_experts)
     else:
         count = int(value)
         if count != value or not 1 <= count <= rc.num_experts:
-            raise ValueError(f"keep count must be an integer in [1, {rc.num_experts}], got {text}")
+            raise UserError(f"--keep {text}: the model has {rc.num_experts} experts per layer", fix)
     return max(rc.num_shared + 1, min(count, rc.num_experts))
 
 

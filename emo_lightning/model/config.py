@@ -2,9 +2,11 @@
 
 Plain dataclasses (read by LightningCLI / jsonargparse). Every field has a default; the defaults describe a
 tiny CPU model (vocab 4096, d_model 128, 4 layers x 4 heads, 16 SwiGLU experts of hidden 128 with 1 shared,
-top-3, training pools of 3..15 routable experts, eval pool 4). Invalid combinations raise ``ValueError`` at
-construction with a message naming the field (``arch.n_heads``, ``router.pool_min``, ...) and the offending
-values.
+top-3, training pools of 2..15 routable experts, unrestricted evaluation). Invalid combinations raise
+``ConfigError`` (a ``ValueError`` and a user error: the command line shows it as one line) at construction, with
+a message naming the field (``arch.n_heads``, ``router.pool_min``, ...) and the offending values. Treat them as
+immutable values (they are argument defaults): derive a variant with ``dataclasses.replace``. (Not
+``frozen=True``: Lightning's hyper-parameter logging rejects frozen dataclasses.)
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from emo_lightning.errors import ConfigError
+
 RouterKind = Literal["emo", "standard"]
 AttentionBackend = Literal["auto", "sdpa", "flex"]
 PoolScope = Literal["document", "running"]
 
 
 def _fail(name: str, msg: str) -> None:
-    raise ValueError(f"{name}: {msg}")
+    raise ConfigError(name, msg)
 
 
 def _positive(prefix: str, **fields: float) -> None:
@@ -96,16 +100,19 @@ class RouterConfig:
     """Mixture-of-experts routing. ``num_experts`` and ``top_k`` include the shared experts.
 
     Pool fields (``pool_min``, ``pool_max``, ``pool_eval``) count routable experts (E' = E - n_sh) and are
-    only validated for ``kind="emo"``; the standard router ignores them.
+    only validated for ``kind="emo"``; the standard router ignores them. Left unset they resolve to the spec's
+    widest choice: training pools k'..E', unrestricted evaluation (pool_eval = E', the full model).
     """
 
     kind: RouterKind = "emo"
     num_experts: int = 16  # E, including shared experts
     num_shared: int = 1  # n_sh, always-on experts with gate weight exactly 1.0
     top_k: int = 3  # k, including shared experts (routed per token: k' = k - n_sh)
-    pool_min: int = 3  # training pool size P ~ UniformInt[pool_min, pool_max] per document, layer, forward
-    pool_max: int = 15
-    pool_eval: int = 4  # fixed pool size in eval mode
+    pool_min: int | None = (
+        None  # training pool size P ~ UniformInt[pool_min, pool_max] per document (None: k')
+    )
+    pool_max: int | None = None  # None: E' (some documents train unrestricted)
+    pool_eval: int | None = None  # fixed pool size in eval mode (None: E', i.e. unrestricted)
     # which tokens choose a token's pool: "document" = all tokens of its document (the EMO spec; the pool of an
     # early token depends on later ones), "running" = the document's tokens up to and including itself (causal:
     # the same routing in training, validation and token-by-token generation, no look-ahead)
@@ -136,6 +143,9 @@ class RouterConfig:
                 f"must be <= router.num_experts, got top_k={self.top_k}, num_experts={self.num_experts}",
             )
         kr, er = self.routed_k, self.num_routed
+        for name, default in (("pool_min", kr), ("pool_max", er), ("pool_eval", er)):
+            if getattr(self, name) is None:
+                setattr(self, name, default)
         if kr > er:
             _fail(
                 f"{p}.top_k",

@@ -36,6 +36,7 @@ from deepspeed.moe.sharded_moe import _AllToAll
 from deepspeed.utils import groups
 from torch import Tensor, nn
 
+from emo_lightning.errors import ConfigError
 from emo_lightning.model.moe import MoELayer, RoutedExperts, combine, dispatch
 from emo_lightning.model.router import RouterOutput
 
@@ -51,22 +52,22 @@ def expert_group_name(ep_size: int) -> str:
 
 
 def validate_expert_parallel(ep_size: int, world_size: int, num_experts: int, num_shared: int) -> None:
-    """Raise ``ValueError`` naming ``trainer.strategy.init_args.ep_size`` for an impossible placement."""
+    """Raise ``ConfigError`` (a user error) naming ``trainer.strategy.init_args.ep_size`` for an impossible placement."""
     key = "trainer.strategy.init_args.ep_size"
     if ep_size < 1:
-        raise ValueError(f"{key} must be >= 1, got {ep_size}")
+        raise ConfigError(f"{key} must be >= 1, got {ep_size}")
     if world_size % ep_size:
-        raise ValueError(
+        raise ConfigError(
             f"{key}={ep_size} must divide the data-parallel world size {world_size} "
             f"(num_nodes x devices); choose one of {[d for d in range(1, world_size + 1) if world_size % d == 0]}"
         )
     if num_experts % ep_size:
-        raise ValueError(
+        raise ConfigError(
             f"{key}={ep_size} must divide model.router.num_experts={num_experts} (experts are placed in "
             f"{ep_size} equal contiguous blocks)"
         )
     if ep_size > 1 and num_shared >= num_experts // ep_size:
-        raise ValueError(
+        raise ConfigError(
             f"{key}={ep_size}: each expert-parallel rank holds num_experts/ep_size={num_experts // ep_size} "
             f"slots and the last one also the model.router.num_shared={num_shared} shared slot(s); it would "
             "hold no routable expert: use a smaller ep_size"
@@ -152,7 +153,9 @@ class ExpertParallelMoE(MoE):
     ) -> None:
         nn.Module.__init__(self)  # DeepSpeed's MoE.__init__ would build its own gate and experts
         if exchange not in ("variable", "padded"):
-            raise ValueError(f"trainer.strategy.init_args.exchange must be variable|padded, got {exchange!r}")
+            raise ConfigError(
+                "trainer.strategy.init_args.exchange", f"must be variable|padded, got {exchange!r}"
+            )
         self.ep_size, self.ep_rank, self.exchange = ep_size, ep_rank, exchange
         self.expert_group_name = expert_group_name(ep_size)
         self.enable_expert_tensor_parallelism = False

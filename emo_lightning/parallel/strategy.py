@@ -30,6 +30,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from torchmetrics import Metric
 
+from emo_lightning.errors import ConfigError
 from emo_lightning.parallel.expert_parallel import (
     Exchange,
     convert_to_expert_parallel,
@@ -68,13 +69,15 @@ class EMODeepSpeedStrategy(DeepSpeedStrategy):
         **kwargs: Any,
     ) -> None:
         if stage == 3:
-            raise ValueError(ZERO3_MESSAGE)
+            raise ConfigError(ZERO3_MESSAGE)
         if stage not in (0, 1, 2):
-            raise ValueError(f"trainer.strategy.init_args.stage must be 0, 1 or 2, got {stage}")
+            raise ConfigError("trainer.strategy.init_args.stage", f"must be 0, 1 or 2, got {stage}")
         if ep_size < 1:
-            raise ValueError(f"trainer.strategy.init_args.ep_size must be >= 1, got {ep_size}")
+            raise ConfigError("trainer.strategy.init_args.ep_size", f"must be >= 1, got {ep_size}")
         if exchange not in ("variable", "padded"):
-            raise ValueError(f"trainer.strategy.init_args.exchange must be variable|padded, got {exchange!r}")
+            raise ConfigError(
+                "trainer.strategy.init_args.exchange", f"must be variable|padded, got {exchange!r}"
+            )
         super().__init__(stage=stage, **kwargs)
         self.ep_size, self.exchange, self.micro_batch_size = ep_size, exchange, micro_batch_size
 
@@ -114,7 +117,7 @@ class EMODeepSpeedStrategy(DeepSpeedStrategy):
         self.config["train_micro_batch_size_per_gpu"] = int(size or 1)
 
     def validate_placement(self) -> None:
-        """ep_size against the world and the model's experts (raises ``ValueError`` naming the key)."""
+        """ep_size against the world and the model's experts (raises ``ConfigError`` naming the key)."""
         router = getattr(getattr(self.lightning_module, "config", None), "router", None)
         if router is None:
             raise ValueError("EMODeepSpeedStrategy needs an EMOLitModule (model.config.router)")

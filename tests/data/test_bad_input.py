@@ -78,7 +78,7 @@ def test_missing_domain_and_id(tokenizer_path: Path, tmp_path: Path) -> None:
 
 
 def test_cli_error_from_worker(tokenizer_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """With 2 worker processes the error still surfaces cleanly, naming file and line (exit status 1)."""
+    """With 2 worker processes the error still surfaces as one line naming file and line (exit status 2)."""
     good = tmp_path / "good.jsonl"
     good.write_bytes(GOOD * 3)
     bad = write(tmp_path / "bad.jsonl", BAD["missing_text"])
@@ -88,7 +88,8 @@ def test_cli_error_from_worker(tokenizer_path: Path, tmp_path: Path, capsys: pyt
     ]  # fmt: skip
     with pytest.raises(SystemExit) as exit_:
         main(argv)
-    assert exit_.value.code == 1
-    assert f"emo-data: error: {bad}:2: missing_text:" in capsys.readouterr().err
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"emo-data: {bad}:2: missing_text:") and err.count("\n") == 1
     main([*argv, "--on-error", "skip", "--overwrite"])
     assert Manifest.load(tmp_path / "out").skipped["counts"] == {"missing_text": 1}

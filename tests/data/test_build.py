@@ -12,9 +12,10 @@ import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from data_tools.cli import main
+from data_tools.errors import UserError
 from data_tools.manifest import FORMAT_VERSION, Manifest
 from data_tools.shards import build_shards, token_dtype
-from data_tools.tokenizer import file_sha256
+from data_tools.tokenizer import file_sha256, load_tokenizer
 from emo_lightning.data.shards import read_shard
 
 
@@ -67,7 +68,7 @@ def test_deterministic_and_independent_of_workers(corpus, tokenizer_path: Path, 
     assert (tmp_path / "c" / "shard-000000.tar").read_bytes() != (
         tmp_path / "a" / "shard-000000.tar"
     ).read_bytes()
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UserError, match="already holds a shard set: pass --overwrite"):
         build_shards(corpus[0], tokenizer_path, tmp_path / "a", quiet=True)
 
 
@@ -130,3 +131,72 @@ def test_cli_end_to_end(corpus, tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert {n.split(".", 1)[1] for n in names} == {"tokens.npy", "domain.txt", "id.txt"}
     main(["inspect", str(out)])
     assert "per_domain" in capsys.readouterr().out
+
+
+def test_special_token_strings_in_text_are_text(tokenizer_path: Path, tmp_path: Path) -> None:
+    """A document quoting ``<|endoftext|>`` and ``<|pad|>`` keeps them as text: the only EOS is the one the
+    pipeline appends, and no PAD id appears (a false document end would split the document in training)."""
+    text = "Hello <|endoftext|> world <|pad|> end."
+    src = tmp_path / "web.jsonl"
+    src.write_text(json.dumps({"id": "w", "domain": "web", "text": text}) + "\n")
+    m = build_shards([src], tokenizer_path, tmp_path / "out", quiet=True).manifest
+    ((_, array, _),) = read_shard(str(tmp_path / "out" / m.shards[0].name))
+    tokens = array.tolist()
+    assert tokens[-1] == m.eos_id and tokens.count(m.eos_id) == 1 and m.pad_id not in tokens
+    tok = load_tokenizer(tokenizer_path)
+    assert tok.decode(tokens[:-1]) == text  # the strings survive as ordinary characters
+    assert tok.token_to_id("<|endoftext|>") == m.eos_id  # the token itself still exists for the pipeline
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["--input", "{tmp}/none.jsonl"],
+            "emo-data: {tmp}/none.jsonl:0: unreadable_file: no such file: check the path",
+        ),
+        (
+            ["--input", "{good}", "--tokenizer", "{good}"],
+            "emo-data: {good}: not a tokenizer (expected `,` or `}}` at line 1 column 8): pass a Hugging Face "
+            "tokenizer.json, e.g. data/tokenizer.json",
+        ),
+        (
+            ["--input", "{good}", "--shard-size", "lots"],
+            "emo-data: --shard-size 'lots': not a token count: use e.g. 65536, 64k, 1M or auto",
+        ),
+        (
+            ["--input", "{good}", "--out", "{shards}"],
+            "emo-data: {shards}: already holds a shard set: pass --overwrite to replace it",
+        ),
+        (
+            ["--input", "{good}", "--eos-token", "</s>"],
+            "emo-data: {tok}: tokenizer has no EOS token '</s>': pass --eos-token with one it has",
+        ),
+    ],
+)
+def test_cli_mistakes_end_in_one_line(
+    argv: list[str],
+    line: str,
+    shards: Path,
+    tokenizer_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text":"x"}\n')
+    names = {"tmp": tmp_path, "good": good, "shards": shards, "tok": tokenizer_path}
+    args = ["build-shards", "--tokenizer", str(tokenizer_path), "--out", str(tmp_path / "out"), "--quiet"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *(a.format(**names) for a in argv)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == line.format(**names) + "\n"
+
+
+def test_inspect_of_an_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"emo-data: {tmp_path / 'manifest.json'}: no shard manifest: rebuild the shards with `emo-data "
+        "build-shards` (or `make data`)\n"
+    )

@@ -1,9 +1,8 @@
-"""Tiny random models and checkpoints for the modularity toolkit tests (one intra-op thread: fast, stable)."""
+"""Tiny random models and checkpoints for the modularity toolkit tests."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "data" / "tokenizer.json"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_config(kind: str = "emo", num_shared: int = 1, top_k: int = 3) -> ModelConfig:
-    arch = ArchConfig(vocab_size=4096, d_model=32, n_layers=3, n_heads=2, expert_hidden=16, max_seq_len=64)
+def tiny_config(
+    kind: str = "emo", num_shared: int = 1, top_k: int = 3, vocab_size: int = 4096
+) -> ModelConfig:
+    arch = ArchConfig(
+        vocab_size=vocab_size, d_model=32, n_layers=3, n_heads=2, expert_hidden=16, max_seq_len=64
+    )
     router = RouterConfig(
         kind=kind, num_experts=9, num_shared=num_shared, top_k=top_k, pool_min=top_k - num_shared,
         pool_max=9 - num_shared, pool_eval=4, seed=3,
@@ -34,9 +29,11 @@ def tiny_config(kind: str = "emo", num_shared: int = 1, top_k: int = 3) -> Model
     return ModelConfig(arch=arch, router=router)
 
 
-def tiny_model(kind: str = "emo", num_shared: int = 1, top_k: int = 3, seed: int = 0) -> EMOTransformer:
+def tiny_model(
+    kind: str = "emo", num_shared: int = 1, top_k: int = 3, seed: int = 0, vocab_size: int = 4096
+) -> EMOTransformer:
     torch.manual_seed(seed)
-    model = EMOTransformer(tiny_config(kind, num_shared, top_k))
+    model = EMOTransformer(tiny_config(kind, num_shared, top_k, vocab_size))
     with torch.no_grad():  # sharper routers than the 0.02 init, so that experts differ in preference
         for blk in model.blocks:
             blk.moe.router.weight.normal_(0.0, 0.5)

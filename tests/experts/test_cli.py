@@ -110,11 +110,48 @@ def test_select_prune_eval_routes(tmp_path: Path, jsonl: Path, capsys: pytest.Ca
             assert all(e in layer["pools"][0]["experts"] for e in layer["experts"][0][:2])
 
 
-def test_report_names_the_missing_checkpoint(tmp_path: Path, jsonl: Path, capsys) -> None:
+def test_mistakes_end_in_one_line(tmp_path: Path, jsonl: Path, capsys) -> None:
     emo = write_checkpoint(tiny_model(), tmp_path / "emo.ckpt")
-    with pytest.raises(SystemExit):
-        _run("report", "--emo", str(emo), "--data", str(jsonl), "--out", str(tmp_path / "r"))
-    assert "--baseline is required (unless --only emo)" in capsys.readouterr().err
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**_subset(tmp_path, emo), "num_experts": 16}))
+    (tmp_path / "garbage.ckpt").write_text("not a checkpoint")
+    small_vocab = write_checkpoint(tiny_model(vocab_size=64), tmp_path / "small.ckpt")
+    ckpt_fix = "pass a .ckpt written by `emo fit` or `emo-experts prune` (DeepSpeed: consolidate it first)"
+    cases = [
+        (["report", "--emo", str(emo), "--data", str(jsonl), "--out", str(tmp_path / "r")],
+         "--baseline is missing: pass a checkpoint (or --only emo)"),
+        (["eval", "--ckpt", str(tmp_path / "none.ckpt"), "--data", str(jsonl)],
+         f"{tmp_path / 'none.ckpt'}: no such checkpoint: {ckpt_fix}"),
+        (["eval", "--ckpt", str(tmp_path / "garbage.ckpt"), "--data", str(jsonl)],
+         f"{tmp_path / 'garbage.ckpt'}: not a checkpoint (not a torch.save archive, or truncated): {ckpt_fix}"),
+        (["eval", "--ckpt", str(emo), "--data", str(tmp_path / "none.jsonl")],
+         f"--data {tmp_path / 'none.jsonl'}: no such file or directory: pass a JSON Lines file of documents "
+         "(text, domain) or a folder of them, e.g. data/corpus/val"),
+        (["eval", "--ckpt", str(emo), "--data", str(jsonl), "--routing", "pool"],
+         "--routing 'pool': unknown routing: use full, pool:P, running:P or causal:P:N (positive integers)"),
+        (["eval", "--ckpt", str(emo), "--data", str(jsonl), "--subset", str(other)],
+         f"{other}: subset is for 16 experts (1 shared), the checkpoint has 9 (1 shared): select the subset "
+         "from this checkpoint (`emo-experts select --ckpt ...`)"),
+        (["eval", "--ckpt", str(small_vocab), "--data", str(jsonl), "--tokenizer", str(TOKENIZER)],
+         f"--tokenizer {TOKENIZER}: vocabulary 4096 exceeds the model's 64: pass the tokenizer the model was "
+         "trained with"),
+        (["eval", "--ckpt", str(emo), "--data", str(jsonl), "--tokenizer", str(jsonl)],
+         f"{jsonl}: not a tokenizer (expected `,` or `}}` at line 1 column 6): pass a Hugging Face tokenizer.json, "
+         "e.g. data/tokenizer.json"),
+        (["select", "--ckpt", str(emo), "--data", str(jsonl), "--keep", "12", "--out", str(tmp_path / "s.json")],
+         "--keep 12: the model has 9 experts per layer: give a fraction in (0, 1] (0.25) or a count in [1, 9] (4)"),
+    ]  # fmt: skip
+    for argv, line in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            _run(*argv)
+        assert exit_info.value.code == 2, argv
+        assert capsys.readouterr().err == f"emo-experts: {line}\n"
+
+
+def _subset(tmp_path: Path, ckpt: Path) -> dict:
+    out = tmp_path / "subset.json"
+    _run("select", "--ckpt", str(ckpt), "--data", str(out), "--keep", "4", "--method", "random", "--out", str(out))
+    return json.loads(out.read_text())
 
 
 def test_report(tmp_path: Path, jsonl: Path) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from data_tools.jsonl import InputError
+from emo_lightning.errors import UserError
 from emo_lightning.experts.documents import (
     Document,
     DocumentTokenizer,
@@ -60,5 +61,5 @@ def test_parse_routing() -> None:
     assert parse_routing("running:4") == Routing("running", 4) and str(Routing("running", 4)) == "running:4"
     assert parse_routing("causal:4:32") == Routing("causal", 4, 32)
     for bad in ("pool", "pool:0", "running:4:2", "causal:4", "x"):
-        with pytest.raises(ValueError):
+        with pytest.raises(UserError, match="unknown routing"):
             parse_routing(bad)

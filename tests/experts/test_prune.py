@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from emo_lightning.errors import UserError
 from emo_lightning.experts.checkpoint import load_model, read_checkpoint, save_checkpoint
 from emo_lightning.experts.prune import expert_parameter_counts, prune_model, pruned_router_config
 from emo_lightning.experts.routing import Routing, eval_routing
@@ -82,11 +83,11 @@ def test_expert_memory_shrinks_in_proportion() -> None:
 
 def test_subset_validation() -> None:
     model = tiny_model()
-    with pytest.raises(ValueError, match="same number"):
+    with pytest.raises(UserError, match="different numbers"):
         prune_model(model, [[0, 1], [0], [2, 3]])
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(UserError, match="distinct"):
         prune_model(model, [[0, 0]] * 3)
-    with pytest.raises(ValueError, match="layers"):
+    with pytest.raises(UserError, match="layers"):
         prune_model(model, [[0, 1]])
 
 

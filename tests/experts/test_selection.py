@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from emo_lightning.errors import UserError
 from emo_lightning.experts.documents import Document, pack_documents
 from emo_lightning.experts.selection import Subset, layerwise_subset, parse_keep, random_subset
 from tests.experts.conftest import tiny_model
@@ -64,10 +65,12 @@ def test_parse_keep_count_and_fraction() -> None:
     assert parse_keep("0.5", rc) == 4  # round(4.5) = 4 (banker's), shared included
     assert parse_keep("1", rc) == 9 and parse_keep("1.0", rc) == 9  # "1" is the fraction "all"
     assert parse_keep("0.0625", rc) == 2  # at least one routable expert besides the shared one
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="the model has 9 experts"):
         parse_keep("12", rc)
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match=r"fraction must lie in \(0, 1\]"):
         parse_keep("1.5", rc)
+    with pytest.raises(UserError, match="not a number"):
+        parse_keep("a quarter", rc)
 
 
 def test_random_subset_seeded_and_round_trip() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -153,7 +154,7 @@ def test_flex_attention_matches_sdpa_forward() -> None:
         model = EMOTransformer(cfg).eval()
         with torch.no_grad():
             ref = model(ids, doc).logits
-            cfg.arch.attention_backend = "flex"
+            model.cfg.arch = dataclasses.replace(cfg.arch, attention_backend="flex")
             got = model(ids, doc).logits
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
