@@ -150,7 +150,19 @@ def test_mistakes_end_in_one_line(tmp_path: Path, jsonl: Path, capsys) -> None:
 
 def _subset(tmp_path: Path, ckpt: Path) -> dict:
     out = tmp_path / "subset.json"
-    _run("select", "--ckpt", str(ckpt), "--data", str(out), "--keep", "4", "--method", "random", "--out", str(out))
+    _run(
+        "select",
+        "--ckpt",
+        str(ckpt),
+        "--data",
+        str(out),
+        "--keep",
+        "4",
+        "--method",
+        "random",
+        "--out",
+        str(out),
+    )
     return json.loads(out.read_text())
 
 
