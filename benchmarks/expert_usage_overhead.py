@@ -1,4 +1,4 @@
-"""Training step time with and without ``ExpertUsageMonitor`` on the tiny default model (conf/model/emo_tiny.yaml).
+"""Training step time with and without ``ExpertUsageMonitor`` on the tiny default model (conf/experiment/emo_tiny.yaml).
 
 Both variants are real ``Trainer.fit`` runs (same seed, same synthetic batches, same TensorBoard logger),
 alternating A/B, B/A, ... so that load from other processes and order effects hit both alike. Step time = time
@@ -25,30 +25,21 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from benchmarks.train_step import tiny_configs
 from emo_lightning.callbacks import ExpertUsageMonitor
 from emo_lightning.lit_module import EMOLitModule
-from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterConfig
-from emo_lightning.optim import OptimConfig
+from emo_lightning.model import EMOTransformer, ModelConfig, RouterConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ["biomedical", "code", "forum", "law", "math", "news", "reviews", "wiki"]
-
-
-def load_model_conf(name: str) -> tuple[ArchConfig, RouterConfig, OptimConfig]:
-    """The three typed configs of ``conf/model/<name>.yaml`` (relative file references resolved)."""
-    conf_dir = ROOT / "conf" / "model"
-    refs = OmegaConf.load(conf_dir / f"{name}.yaml")
-    parts = {k: OmegaConf.to_container(OmegaConf.load(conf_dir / v), resolve=True) for k, v in refs.items()}
-    parts["optim"]["betas"] = tuple(parts["optim"]["betas"])
-    return ArchConfig(**parts["arch"]), RouterConfig(**parts["router"]), OptimConfig(**parts["optim"])
 
 
 def synthetic_batches(n: int, batch: int, seq: int, vocab: int, doc_len: float, seed: int = 0) -> list[dict]:
@@ -222,7 +213,6 @@ def summary(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="emo_tiny", help="conf/model/<name>.yaml")
     p.add_argument("--router", choices=["emo", "standard"], default=None, help="override the router kind")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
@@ -237,10 +227,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    arch, router, optim = load_model_conf(args.model)
+    arch, router, _, optim, _ = tiny_configs()
     if args.router:
-        router = RouterConfig(**{**router.__dict__, "kind": args.router})
-    arch = ArchConfig(**{**arch.__dict__, "max_seq_len": max(arch.max_seq_len, args.seq)})
+        router = replace(router, kind=args.router)
+    arch = replace(arch, max_seq_len=max(arch.max_seq_len, args.seq))
     batches = synthetic_batches(64, args.batch, args.seq, arch.vocab_size, args.doc_len)
     conf = (arch, router, optim)
     base, mon, hook_ms, image_s = [], [], [], []  # base / mon: (wall, cpu) seconds per step

@@ -299,12 +299,11 @@ def tiny_config(seq: int) -> ModelConfig:
 
 
 def small_configs() -> tuple[ModelConfig, ModelConfig]:
-    """(EMO, standard-MoE) ``emo_small``: conf/arch/small.yaml with conf/router/{emo,standard}_small.yaml."""
+    """(EMO, standard-MoE) ``emo_small``: conf/arch/small.yaml with conf/router/emo_small.yaml, and the same
+    router of kind standard (conf/experiment/stdmoe_small_gpu.yaml)."""
     arch = ArchConfig(**flat_yaml(CONF / "arch" / "small.yaml"))
-    return tuple(  # type: ignore[return-value]
-        ModelConfig(arch=arch, router=RouterConfig(**flat_yaml(CONF / "router" / f"{k}_small.yaml")))
-        for k in ("emo", "standard")
-    )
+    emo = RouterConfig(**flat_yaml(CONF / "router" / "emo_small.yaml"))
+    return ModelConfig(arch=arch, router=emo), ModelConfig(arch=arch, router=replace(emo, kind="standard"))
 
 
 class Stepper:

@@ -10,6 +10,7 @@ Reports step time ratios, tokens/s and the peak tensor memory of one step.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import cycle
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def tiny_configs() -> tuple[ArchConfig, RouterConfig, RouterConfig, OptimConfig,
     """(arch, EMO router, standard router, optim, data) of the tiny default experiment."""
     arch = ArchConfig(**_yaml(CONF / "arch" / "tiny.yaml"))
     emo = RouterConfig(**_yaml(CONF / "router" / "emo_tiny.yaml"))
-    std = RouterConfig(**_yaml(CONF / "router" / "standard_tiny.yaml"))
+    std = replace(emo, kind="standard")  # conf/experiment/stdmoe_tiny.yaml: the same file, kind standard
     optim = _yaml(CONF / "optim" / "tiny.yaml")
     optim["betas"] = tuple(optim["betas"])
     data = _yaml(CONF / "data" / "bundled.yaml")
@@ -141,7 +142,7 @@ def run(quick: bool = False, dev: torch.device | None = None) -> tuple[list[Row]
     }
     steps = {k: make_step(m, optim_cfg, batches) for k, m in models.items()}
     details: dict = {
-        "config": "conf/experiment/emo_tiny.yaml (+ standard_tiny router; dense = SwiGLU of hidden k*h)",
+        "config": "conf/experiment/emo_tiny.yaml (+ stdmoe_tiny.yaml; dense = SwiGLU of hidden k*h)",
         "batch": {"batch_size": data["batch_size"], "seq_len": data["seq_len"], "source": source},
         "threads": {},
     }

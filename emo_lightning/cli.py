@@ -46,10 +46,12 @@ def checkpoint_dir(runs_dir: str, experiment: str) -> str:
 
 
 class EMOArgumentParser(LightningArgumentParser):
-    """Raises ``ArgumentError`` instead of printing usage and exiting: ``EMOCLI`` turns it into one line."""
+    """OmegaConf interpolation in configs (``${.d_model}``); raises ``ArgumentError`` instead of printing usage
+    and exiting: ``EMOCLI`` turns it into one line."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["exit_on_error"] = False
+        kwargs.setdefault("parser_mode", "omegaconf+")
         super().__init__(*args, **kwargs)
 
 
@@ -101,6 +103,11 @@ def _expected(detail: str) -> str:
 
 class EMOCLI(LightningCLI):
     """LightningCLI with an experiment name that places TensorBoard logs and checkpoints in ``runs/<name>/``."""
+
+    def __init__(
+        self, *args: Any, parser_class: type[LightningArgumentParser] = EMOArgumentParser, **kwargs: Any
+    ):
+        super().__init__(*args, parser_class=parser_class, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--experiment", type=str, default="emo_tiny", help="Run name: runs/<experiment>/")
@@ -239,8 +246,7 @@ def build_cli(args: list[str] | None = None) -> EMOCLI:
     return EMOCLI(
         EMOLitModule,
         ShardDataModule,
-        parser_class=EMOArgumentParser,
-        parser_kwargs={"parser_mode": "omegaconf+", "default_env": True},
+        parser_kwargs={"default_env": True},
         save_config_kwargs={"overwrite": True},
         seed_everything_default=1234,
         args=args,

@@ -7,10 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from jsonargparse import Namespace
 
 from emo_lightning.checkpointing import CheckpointMismatchError
-from emo_lightning.cli import build_cli, main
+from emo_lightning.cli import EMOCLI, build_cli, main
+from emo_lightning.data import ShardDataModule
 from emo_lightning.errors import ConfigError
+from emo_lightning.lit_module import EMOLitModule
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = str(ROOT / "conf" / "experiment" / "emo_tiny.yaml")
@@ -177,23 +180,36 @@ def test_debug_shows_the_traceback_of_a_user_error(
 
 
 CPU_OVERRIDES = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
-                 "--trainer.strategy", "auto", "--trainer.precision", "32-true"]  # fmt: skip
+                 "--trainer.precision", "32-true"]  # fmt: skip
+CONFIGS = sorted(
+    p.relative_to(ROOT).as_posix()
+    for p in (ROOT / "conf").glob("*/*.yaml")
+    if p.parent.name in ("experiment", "studies")
+)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
-def test_every_experiment_file_parses(name: str) -> None:
-    """Each shipped experiment composes into valid, instantiable objects (the model is built lazily, in
-    ``configure_model``, so even the 14B config costs nothing here; GPU/cluster presets are pointed at the CPU)."""
-    from emo_lightning.cli import EMOCLI
-    from emo_lightning.data import ShardDataModule
-    from emo_lightning.lit_module import EMOLitModule
-
-    cli = EMOCLI(
-        EMOLitModule, ShardDataModule, run=False, args=["--config", str(ROOT / "conf" / "experiment" / name), *CPU_OVERRIDES],
-        parser_kwargs={"parser_mode": "omegaconf+"},
-    )  # fmt: skip
-    assert cli.config.experiment == name.removesuffix(".yaml")
-    assert cli.model.config.router.kind == ("standard" if name.startswith("stdmoe") else "emo")
+@pytest.mark.parametrize("path", CONFIGS)
+def test_every_experiment_builds_its_model_and_strategy(path: str) -> None:
+    """Each shipped experiment composes into its objects: the trainer with the strategy class it names (on one
+    CPU process, not launched) and the model, built on the meta device (the 14B one too: shapes, no memory);
+    its parameter count is what the config says."""
+    cli = EMOCLI(EMOLitModule, ShardDataModule, run=False, args=["--config", path, *CPU_OVERRIDES])
+    name = Path(path).stem
+    assert cli.config.experiment == name
+    cfg = cli.model.config
+    assert cfg.router.kind == ("standard" if name.startswith("stdmoe") else "emo")
+    strategy = cli.config.trainer.strategy
+    if isinstance(strategy, Namespace):  # a class named in the YAML is instantiated by the trainer
+        assert type(cli.trainer.strategy).__name__ == strategy.class_path.rsplit(".", 1)[-1]
+    with torch.device("meta"):
+        cli.model.configure_model()
+    a, r = cfg.arch, cfg.router
+    kv = a.kv_heads * a.head_dim
+    attention = a.d_model * (2 * a.d_model + 2 * kv)
+    experts = r.num_experts * 3 * a.d_model * a.expert_hidden + r.num_routed * a.d_model  # + router
+    dense = 2 * a.vocab_size * a.d_model + a.d_model * (2 * a.n_layers + 1)  # embed, lm_head, norms
+    expected = dense + a.n_layers * (attention + experts)
+    assert sum(p.numel() for p in cli.model.parameters()) == expected
 
 
 def test_run_without_logger_writes_nothing_outside_the_run_folder(
@@ -219,3 +235,40 @@ def test_run_without_logger_writes_nothing_outside_the_run_folder(
     )
     assert list(cwd.iterdir()) == []
     assert (tmp_path / "runs" / "emo_tiny" / "config.yaml").exists()
+
+
+def _callbacks(*args: str) -> list[str]:
+    cli = EMOCLI(EMOLitModule, ShardDataModule, run=False, args=["--config", EXPERIMENT, *args])
+    return [type(c).__name__ for c in cli.trainer.callbacks]
+
+
+MONITORS = ["ExpertUsageMonitor", "TokenThroughputMonitor", "LearningRateMonitor"]
+
+
+def test_every_run_has_the_monitors_unless_turned_off() -> None:
+    for args in (
+        [],
+        ["--trainer.callbacks", "[]"],
+        ["--trainer", str(ROOT / "conf" / "trainer" / "deepspeed_cpu.yaml")],
+    ):
+        names = _callbacks(*args, *CPU_OVERRIDES)
+        assert all(names.count(m) == 1 for m in MONITORS), (args, names)
+    assert not set(MONITORS) & set(_callbacks("--monitor", "false"))
+    assert not set(MONITORS) & set(_callbacks("--trainer.logger", "false"))  # nothing to show them in
+    # a monitor the user configures in trainer.callbacks replaces ours (no duplicate)
+    own = '[{"class_path": "emo_lightning.callbacks.ExpertUsageMonitor", "init_args": {"log_every_n_steps": 7}}]'
+    cli = EMOCLI(
+        EMOLitModule, ShardDataModule, run=False, args=["--config", EXPERIMENT, "--trainer.callbacks", own]
+    )
+    usage = [c for c in cli.trainer.callbacks if type(c).__name__ == "ExpertUsageMonitor"]
+    assert [m.log_every_n_steps for m in usage] == [7]
+    # ours is configurable from the command line
+    cli = EMOCLI(
+        EMOLitModule,
+        ShardDataModule,
+        run=False,
+        args=["--config", EXPERIMENT, "--expert_usage.log_every_n_steps", "5"],
+    )
+    assert [
+        c.log_every_n_steps for c in cli.trainer.callbacks if type(c).__name__ == "ExpertUsageMonitor"
+    ] == [5]

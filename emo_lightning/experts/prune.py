@@ -29,13 +29,14 @@ def pruned_router_config(rc: RouterConfig, kept_routed: int) -> RouterConfig:
     def clamp(p: int) -> int:
         return max(k_new, min(p, kept_routed))
 
+    pool_min, pool_max, pool_eval = rc.resolved_pools()
     return replace(
         rc,
         num_experts=kept_routed + rc.num_shared,
         top_k=k_new + rc.num_shared,
-        pool_min=clamp(rc.pool_min),
-        pool_max=clamp(rc.pool_max),
-        pool_eval=clamp(rc.pool_eval),
+        pool_min=clamp(pool_min),
+        pool_max=clamp(pool_max),
+        pool_eval=clamp(pool_eval),
     )
 
 

@@ -143,9 +143,6 @@ class RouterConfig:
                 f"must be <= router.num_experts, got top_k={self.top_k}, num_experts={self.num_experts}",
             )
         kr, er = self.routed_k, self.num_routed
-        for name, default in (("pool_min", kr), ("pool_max", er), ("pool_eval", er)):
-            if getattr(self, name) is None:
-                setattr(self, name, default)
         if kr > er:
             _fail(
                 f"{p}.top_k",
@@ -159,26 +156,36 @@ class RouterConfig:
         if self.pool_scope not in ("document", "running"):
             _fail(f"{p}.pool_scope", f"must be 'document' or 'running', got {self.pool_scope!r}")
         if self.kind == "emo":
+            pools = dict(zip(("pool_min", "pool_max", "pool_eval"), self.resolved_pools(), strict=True))
             for name in ("pool_min", "pool_eval"):
-                v = getattr(self, name)
+                v = pools[name]
                 if v < kr:
                     _fail(
                         f"{p}.{name}",
                         f"must be >= routed experts per token k'=top_k-num_shared={kr}, got {name}={v} "
                         "(top-k would pick experts outside the pool)",
                     )
-            if self.pool_max < self.pool_min:
+            if pools["pool_max"] < pools["pool_min"]:
                 _fail(
                     f"{p}.pool_max",
-                    f"must be >= router.pool_min, got pool_max={self.pool_max}, pool_min={self.pool_min}",
+                    f"must be >= router.pool_min, got pool_max={pools['pool_max']}, pool_min={pools['pool_min']}",
                 )
             for name in ("pool_max", "pool_eval"):
-                v = getattr(self, name)
+                v = pools[name]
                 if v > er:
                     _fail(
                         f"{p}.{name}",
                         f"must be <= routable experts E'=num_experts-num_shared={er}, got {name}={v}",
                     )
+
+    def resolved_pools(self) -> tuple[int, int, int]:
+        """``(pool_min, pool_max, pool_eval)`` with unset (None) values resolved to k', E', E'."""
+        kr, er = self.routed_k, self.num_routed
+        return (
+            kr if self.pool_min is None else self.pool_min,
+            er if self.pool_max is None else self.pool_max,
+            er if self.pool_eval is None else self.pool_eval,
+        )
 
     @property
     def num_routed(self) -> int:

@@ -130,9 +130,9 @@ class Router(nn.Module):
         super().__init__()
         self.kind = cfg.kind
         self.num_routed, self.k = cfg.num_routed, cfg.routed_k
-        self.pool_min, self.pool_max = cfg.pool_min, cfg.pool_max
+        self.pool_min, self.pool_max, pool_eval = cfg.resolved_pools()
         self.normalize_weights = cfg.normalize_weights
-        self.eval_pool: int | None = cfg.pool_eval
+        self.eval_pool: int | None = pool_eval
         self.pool_scope: PoolScope = cfg.pool_scope
         # (B,S,E') bool pool chosen outside the router (e.g. from a document's first tokens, see
         # emo_lightning.experts.causal_pool); when set it replaces the document pool, in any mode and kind.

@@ -54,7 +54,7 @@ def run(
     data = ShardDataModule(
         train_shards=str(shards["train"]), seq_len=64, batch_size=4, num_workers=0, shuffle_buffer=50, seed=3
     )
-    monitor = CountingMonitor(log_every_n_steps=2, image_every_n_steps=2, **monitor)
+    monitor = CountingMonitor(**{"log_every_n_steps": 2, "image_every_n_steps": 2, **monitor})
     trainer = L.Trainer(
         accelerator="cpu", max_steps=4, accumulate_grad_batches=2, logger=TensorBoardLogger(tmp, name=kind),
         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
@@ -107,7 +107,9 @@ def test_emo_run_logs_scalars_images_histograms_and_warns_on_collapse(tmp_path: 
 
 
 def test_standard_run_logs_the_same_tags(tmp_path: Path, tiny_shards) -> None:
-    _, acc, domains = run(tmp_path, tiny_shards, "standard")
+    _, acc, domains = run(tmp_path, tiny_shards, "standard", image_every_n_steps=100)
+    # the first window draws the heatmaps, long before image_every_n_steps: a new run shows them at once
+    assert [e.step for e in acc.Images("experts/heatmap/layer0")] == [2]
     assert expected_scalar_tags(domains) <= set(acc.Tags()["scalars"])
     assert all(e.value == ROUTED for e in acc.Scalars("usage/pool_size"))  # no pools: every expert
     assert all(e.value == 1.0 for e in acc.Scalars("modularity/jaccard_across"))
