@@ -73,7 +73,9 @@ class EMOTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, expert_impl) for i in range(a.n_layers))
         self.norm = RMSNorm(a.d_model, a.norm_eps)
         self.lm_head = nn.Linear(a.d_model, a.vocab_size, bias=False)
-        if not self.lm_head.weight.is_meta:  # built on the meta device: shapes only, initialise after to_empty()
+        if (
+            not self.lm_head.weight.is_meta
+        ):  # built on the meta device: shapes only, initialise after to_empty()
             self.init_weights()
 
     @torch.no_grad()
