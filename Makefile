@@ -21,7 +21,12 @@ help:
 	@echo "make install         create $(VENV) (torch pinned to $(TORCH_VERSION)) and install emo-lightning"
 	@echo "make train           tiny EMO model on the bundled corpus (CONFIG=..., ARGS='--trainer.max_steps 10')"
 	@echo "make train-baseline  the same with the standard top-k router"
-	@echo "make test            the test suite;  make lint;  make bench;  make tensorboard"
+	@echo "make test            the test suite (no GPU and no ../shared needed);  make lint;  make format"
+	@echo "make data            shards of the bundled corpus;  make data-shared: the eight domains of ../shared"
+	@echo "make tensorboard     TensorBoard over runs/"
+	@echo "make modularity      emo-experts report of the two tiny runs (EMO vs standard MoE)"
+	@echo "make smoke-distributed  2 CPU processes, DeepSpeed ZeRO-2 + expert parallelism, resume, consolidate"
+	@echo "make bench           CPU benchmarks (ratios side by side)"
 	@echo "make gpu-check       check and measure the CUDA path in < 8 min (CPU: a short dry run)"
 
 install: $(VENV)/.installed
