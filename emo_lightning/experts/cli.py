@@ -27,7 +27,13 @@ from emo_lightning.experts.evaluate import document_losses, domain_table, format
 from emo_lightning.experts.prune import expert_parameter_counts, prune_model
 from emo_lightning.experts.routes import iter_routes, write_routes
 from emo_lightning.experts.routing import FULL, parse_routing
-from emo_lightning.experts.selection import Subset, layerwise_subset, parse_keep, random_subset
+from emo_lightning.experts.selection import (
+    Subset,
+    compose_subsets,
+    layerwise_subset,
+    parse_keep,
+    random_subset,
+)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -89,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     _routing_arg(p, "full | pool:P | running:P")
     _common(p)
 
+    p = sub.add_parser(
+        "compose", help="per layer, the union of several subsets (one model for several domains)"
+    )
+    p.add_argument("subsets", nargs="+", help="subset.json files selected from the same checkpoint")
+    p.add_argument("--out", required=True, help="output subset.json (prune it like any other)")
+
     p = sub.add_parser("prune", help="write a standalone smaller checkpoint holding only the kept experts")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--subset", required=True, help="subset.json from `emo-experts select`")
@@ -135,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_subset(path: str, lm: LoadedModel) -> Subset:
-    subset = Subset.from_dict(json.loads(Path(path).read_text()), path)
+    subset = Subset.from_dict(_read_json(path), path)
     rc = lm.config.router
     if (subset.num_experts, subset.num_shared) != (rc.num_experts, rc.num_shared):
         raise UserError(
@@ -195,6 +207,32 @@ def cmd_select(args: argparse.Namespace) -> None:
     )
     for i, layer in enumerate(subset.layers):
         print(f"  layer {i}: {layer}")
+
+
+def cmd_compose(args: argparse.Namespace) -> None:
+    subsets = [Subset.from_dict(_read_json(path), path) for path in args.subsets]
+    result = compose_subsets(subsets, args.subsets)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result.to_dict(), indent=1))
+    inputs = " + ".join(str(s.keep) for s in subsets)
+    print(f"compose: {inputs} experts per layer -> {result.keep}/{result.num_experts} ({args.out})")
+    for i, (layer, union) in enumerate(zip(result.layers, result.info["union_sizes"], strict=True)):
+        fill = result.info["filled"][i]
+        note = f", filled with {fill} to {len(layer)}" if fill else ""
+        print(f"  layer {i}: union of {union} routable experts{note}")
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"{path}: no such file", "pass a subset.json written by `emo-experts select`"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"{path}: not JSON ({err})", "pass a subset.json written by `emo-experts select`"
+        ) from None
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -289,6 +327,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 COMMANDS = {
     "routes": cmd_routes,
     "select": cmd_select,
+    "compose": cmd_compose,
     "prune": cmd_prune,
     "eval": cmd_eval,
     "report": cmd_report,

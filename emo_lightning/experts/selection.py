@@ -105,6 +105,60 @@ def parse_keep(keep: str | float, rc: RouterConfig) -> int:
     return max(rc.num_shared + 1, min(count, rc.num_experts))
 
 
+def compose_subsets(subsets: Sequence[Subset], sources: Sequence[str] | None = None) -> Subset:
+    """Per layer, the union of the subsets' kept experts: one pruned model for several domains.
+
+    A model keeps the same number of experts in every layer, so layers whose union is smaller than the largest
+    one are filled up to it with their best remaining experts (highest summed ``scores`` of the subsets that
+    have them, then lowest id). ``info`` reports the union size and the filled experts of every layer. The
+    result is a superset of every input; composing a subset with itself (or with a part of the result) gives the
+    same subset back.
+    """
+    if not subsets:
+        raise UserError("compose: no subsets", "pass two or more subset.json files")
+    first = subsets[0]
+    names = list(sources or [f"subset {i}" for i in range(len(subsets))])
+    for name, sub in zip(names, subsets, strict=True):
+        if (sub.num_experts, sub.num_shared, len(sub.layers)) != (
+            first.num_experts,
+            first.num_shared,
+            len(first.layers),
+        ):
+            raise UserError(
+                f"{name}: subset of a model with {sub.num_experts} experts ({sub.num_shared} shared) and "
+                f"{len(sub.layers)} layers, {names[0]} has {first.num_experts} ({first.num_shared}) and "
+                f"{len(first.layers)}",
+                "compose subsets selected from the same checkpoint",
+            )
+    unions = [sorted(set().union(*(sub.layers[i] for sub in subsets))) for i in range(len(first.layers))]
+    size = max(len(u) for u in unions)
+    scored = [sub.scores for sub in subsets if sub.scores is not None]
+    layers, filled = [], []
+    for i, union in enumerate(unions):
+        n_routed = first.num_experts - first.num_shared
+        score = [sum(s[i][e] for s in scored) for e in range(n_routed)]
+        rest = sorted((e for e in range(n_routed) if e not in union), key=lambda e: (-score[e], e))
+        extra = sorted(rest[: size - len(union)])
+        layers.append(sorted(union + extra))
+        filled.append(extra)
+    info = {
+        "sources": names,
+        "union_sizes": [len(u) for u in unions],
+        "filled": filled,  # experts added to reach the largest union (none where the union is the largest)
+    }
+    scores = (
+        [
+            [round(sum(s[i][e] for s in scored), 6) for e in range(len(scored[0][i]))]
+            for i in range(len(unions))
+        ]
+        if scored
+        else None
+    )
+    return Subset(
+        layers, size + first.num_shared, first.num_experts, first.num_shared, "compose", scores, info
+    )
+
+
 def random_subset(rc: RouterConfig, n_layers: int, keep: int, seed: int = 0) -> Subset:
     """K' routable experts per layer drawn uniformly at random (seeded by (seed, layer))."""
     layers = []

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from emo_lightning.errors import UserError
+from emo_lightning.experts.cli import main
 from emo_lightning.experts.documents import Document, pack_documents
-from emo_lightning.experts.selection import Subset, layerwise_subset, parse_keep, random_subset
+from emo_lightning.experts.selection import (
+    Subset,
+    compose_subsets,
+    layerwise_subset,
+    parse_keep,
+    random_subset,
+)
 from tests.experts.conftest import tiny_model
 
 
@@ -82,3 +89,44 @@ def test_random_subset_seeded_and_round_trip() -> None:
     )
     assert a.layers == b.layers != c.layers
     assert Subset.from_dict(a.to_dict()).to_dict() == a.to_dict()
+
+
+def test_compose_is_the_per_layer_union_filled_to_one_size_and_idempotent() -> None:
+    model = tiny_model()
+    a = layerwise_subset(model, _batches(0), keep=3)  # 2 routable experts per layer
+    b = layerwise_subset(model, _batches(5), keep=3)
+    r = random_subset(model.cfg.router, len(model.blocks), keep=4, seed=1)
+    ab = compose_subsets([a, b, r])
+    unions = [set(x) | set(y) | set(z) for x, y, z in zip(a.layers, b.layers, r.layers, strict=True)]
+    assert ab.info["union_sizes"] == [len(u) for u in unions]
+    size = max(len(u) for u in unions)
+    assert ab.keep == size + 1 and all(len(layer) == size for layer in ab.layers)
+    for layer, union, filled in zip(ab.layers, unions, ab.info["filled"], strict=True):
+        assert union <= set(layer) and set(layer) - union == set(filled)
+    # filled experts are the best remaining ones by the summed selection scores
+    for i, filled in enumerate(ab.info["filled"]):
+        rest = [e for e in range(8) if e not in unions[i]]
+        best = sorted(rest, key=lambda e: (-(a.scores[i][e] + b.scores[i][e]), e))[: len(filled)]
+        assert sorted(best) == filled
+    assert compose_subsets([a, a]).layers == a.layers  # idempotent
+    assert compose_subsets([ab, b]).layers == ab.layers  # composing with a part changes nothing
+    small = Subset([[0]] * 3, 2, 16, 1, "random")
+    with pytest.raises(UserError, match="16 experts"):
+        compose_subsets([a, small], ["a.json", "small.json"])
+
+
+def test_compose_command_prunes_to_a_model_serving_both(tmp_path, capsys) -> None:
+    from tests.experts.conftest import write_checkpoint
+
+    ckpt = write_checkpoint(tiny_model(), tmp_path / "m.ckpt")
+    paths = []
+    for seed in (1, 2):
+        out = tmp_path / f"s{seed}.json"
+        main(["select", "--ckpt", str(ckpt), "--data", str(out), "--method", "random", "--seed", str(seed),
+              "--keep", "3", "--out", str(out), "--no-progress"])  # fmt: skip
+        paths.append(str(out))
+    main(["compose", *paths, "--out", str(tmp_path / "ab.json")])
+    assert "union of" in capsys.readouterr().out
+    main(["prune", "--ckpt", str(ckpt), "--subset", str(tmp_path / "ab.json"), "--out", str(tmp_path / "ab.ckpt"),
+          "--no-progress"])  # fmt: skip
+    assert (tmp_path / "ab.ckpt").is_file()
