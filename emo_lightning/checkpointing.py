@@ -9,7 +9,6 @@
   every member's CRC-32 correct) without unpickling it.
 * :func:`preflight_checkpoint_dir` creates the folder, proves it writable with a probe file and compares the
   free space (and ``ulimit -f``) with an estimate of a checkpoint: a run that could never save fails at start-up.
-* :func:`describe_mismatch` compares a checkpoint's ``state_dict`` with a model's and names the keys that differ.
 """
 
 from __future__ import annotations
@@ -250,31 +249,3 @@ def preflight_checkpoint_dir(
                 f"checkpoint directory {folder}: only {_mb(room)} free, {copies} checkpoints need about "
                 f"{_mb(copies * estimate_bytes)} ({_mb(estimate_bytes)} each)"
             )
-
-
-# ------------------------------------------------------------------ config mismatch
-def describe_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], limit: int = 8) -> list[str]:
-    """Human-readable differences between two ``state_dict``\\ s: shapes, missing and unexpected keys."""
-
-    def shape(v: Any) -> tuple[int, ...] | None:
-        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-    def clip(keys: list[str]) -> str:
-        more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-        return ", ".join(keys[:limit]) + more
-
-    shapes = [
-        f"{k}: checkpoint {shape(saved[k])} vs model {shape(current[k])}"
-        for k in saved
-        if k in current and shape(saved[k]) != shape(current[k])
-    ]
-    missing = [k for k in current if k not in saved]
-    unexpected = [k for k in saved if k not in current]
-    out = []
-    if shapes:
-        out.append("shape mismatch: " + clip(shapes))
-    if missing:
-        out.append("missing in checkpoint: " + clip(missing))
-    if unexpected:
-        out.append("not in model: " + clip(unexpected))
-    return out

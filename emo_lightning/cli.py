@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from emo_lightning.checkpointing import (
 from emo_lightning.data import ShardDataModule
 from emo_lightning.data.dataset import ShardFailureError
 from emo_lightning.errors import UserError, run_cli
+from emo_lightning.experts.checkpoint import read_checkpoint
 from emo_lightning.lit_module import EMOLitModule
 
 # Lightning's special ``ckpt_path`` values (resolved by the trainer, not paths)
@@ -113,6 +115,14 @@ class EMOCLI(LightningCLI):
         parser.add_argument("--experiment", type=str, default="emo_tiny", help="Run name: runs/<experiment>/")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Parent folder of all runs.")
         parser.add_argument(
+            "--init_from",
+            type=str | None,
+            default=None,
+            help="Fine-tune: start from this checkpoint's weights, architecture and router (trained, pruned or "
+            "consolidated), with a fresh optimizer, schedule and data; --ckpt_path resumes a run instead.",
+        )
+        parser.link_arguments("init_from", "model.init_from")
+        parser.add_argument(
             "--monitor",
             type=bool,
             default=True,
@@ -169,12 +179,25 @@ class EMOCLI(LightningCLI):
         explicit = {a[2:].split("=", 1)[0] for a in self._argv if a.startswith("--model.")}
         before = self.config.clone()
         try:
+            self._apply_init_from(subcommand)
             super()._parse_ckpt_path()
         except ArgumentError as err:
             raise self._explain(err) from None
         for key in explicit:
             if f"{subcommand}.{key}" in before:
                 self.config[f"{subcommand}.{key}"] = before[f"{subcommand}.{key}"]
+
+    def _apply_init_from(self, subcommand: str) -> None:
+        """``--init_from CKPT``: the model's architecture and router come from the checkpoint (a pruned one is
+        smaller); the optimizer, schedule and data stay as configured."""
+        path = self.config[subcommand].get("init_from")
+        if not path:
+            return
+        hparams = read_checkpoint(path)["hyper_parameters"]
+        model = {
+            k: asdict(v) if is_dataclass(v) else dict(v) for k in ("arch", "router") if (v := hparams.get(k))
+        }
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def instantiate_classes(self) -> None:
         try:

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from emo_lightning.checkpointing import CheckpointMismatchError, describe_mismatch
+from emo_lightning.checkpointing import CheckpointMismatchError
 from emo_lightning.errors import UserError
+from emo_lightning.experts.checkpoint import describe_mismatch, load_weights
 from emo_lightning.metrics import DomainLoss, TokenPerplexity
 from emo_lightning.model import (
     ArchConfig,
@@ -43,6 +44,9 @@ class EMOLitModule(L.LightningModule):
         arch: transformer shape (``--model.arch.d_model 256``).
         router: experts and routing (``--model.router.kind standard``, ``--model.router.pool_min 4``).
         optim: AdamW and schedule (``--model.optim.lr 1e-3``).
+        init_from: start from the weights of this checkpoint (trained, pruned or consolidated), with a fresh
+            optimizer and schedule: fine-tuning, unlike ``ckpt_path`` which resumes a run. ``emo fit
+            --init_from CKPT`` also takes the architecture and router from the checkpoint.
     """
 
     def __init__(
@@ -50,11 +54,13 @@ class EMOLitModule(L.LightningModule):
         arch: ArchConfig = ArchConfig(),
         router: RouterConfig = RouterConfig(),
         optim: OptimConfig = OptimConfig(),
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.config = ModelConfig(arch=arch, router=router)
         self.optim_config = optim
+        self.init_from = init_from
         self.model: EMOTransformer | None = (
             None  # built in configure_model (directly on the device / sharded)
         )
@@ -98,9 +104,12 @@ class EMOLitModule(L.LightningModule):
             self.balance.group = dist.group.WORLD
 
     def configure_model(self) -> None:
-        """Build the transformer (idempotent). Lightning calls this under the strategy's init context."""
+        """Build the transformer (idempotent) and load ``init_from``'s weights. Lightning calls this under the
+        strategy's init context."""
         if self.model is None:
             self.model = EMOTransformer(self.config)
+            if self.init_from and not self.model.lm_head.weight.is_meta:
+                load_weights(self.model, self.init_from)
 
     @property
     def flops_per_batch(self) -> float | None:

@@ -272,3 +272,29 @@ def test_every_run_has_the_monitors_unless_turned_off() -> None:
     assert [
         c.log_every_n_steps for c in cli.trainer.callbacks if type(c).__name__ == "ExpertUsageMonitor"
     ] == [5]
+
+
+def test_init_from_a_pruned_checkpoint_fine_tunes_the_pruned_model(tmp_path: Path, tiny_shards) -> None:
+    """``--init_from`` takes weights and the (smaller) architecture from the checkpoint, with a fresh optimizer
+    and step count; the loss falls."""
+    from emo_lightning.experts.cli import main as experts
+
+    main(["fit", *small_run_args(tmp_path, tiny_shards, "--trainer.max_steps", "4")])
+    full = str(tmp_path / "emo_tiny" / "checkpoints" / "last.ckpt")
+    subset, small = str(tmp_path / "subset.json"), str(tmp_path / "small.ckpt")
+    experts(["select", "--ckpt", full, "--data", "x", "--method", "random", "--keep", "4", "--out", subset])
+    experts(["prune", "--ckpt", full, "--subset", subset, "--out", small, "--no-progress"])
+
+    def val_ce(*args: str) -> float:
+        cli = build_cli(["validate", *small_run_args(tmp_path, tiny_shards), *args])
+        return float(cli.trainer.callback_metrics["val/ce"])
+
+    before = val_ce("--init_from", small)
+    assert before == val_ce("--ckpt_path", small)  # the pruned weights were loaded, not a fresh init
+    cli = build_cli(["fit", *small_run_args(tmp_path, tiny_shards, "--trainer.max_steps", "12", "--trainer.val_check_interval", "12", "--init_from", small, "--experiment", "ft")])  # fmt: skip
+    model = cli.model.model
+    assert model.cfg.router.num_experts == 4  # the pruned architecture (3 routable + 1 shared)
+    pruned = torch.load(small, map_location="cpu", weights_only=True)["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in pruned.values())
+    assert cli.trainer.global_step == 12  # a fresh run: counted from 0, not from the source's step 4
+    assert float(cli.trainer.callback_metrics["val/ce"]) < before

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,45 @@ def model_config(hparams: dict[str, Any]) -> ModelConfig:
 def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor | Any]:
     """The transformer's state dict (``model.`` prefix removed, other module states dropped)."""
     return {k[len(PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
+
+
+def describe_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any], limit: int = 8) -> list[str]:
+    """Human-readable differences between two ``state_dict``\\ s: shapes, missing and unexpected keys."""
+
+    def shape(v: Any) -> tuple[int, ...] | None:
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+    def clip(keys: list[str]) -> str:
+        more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+        return ", ".join(keys[:limit]) + more
+
+    shapes = [
+        f"{k}: checkpoint {shape(saved[k])} vs model {shape(current[k])}"
+        for k in saved
+        if k in current and shape(saved[k]) != shape(current[k])
+    ]
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    out = []
+    if shapes:
+        out.append("shape mismatch: " + clip(shapes))
+    if missing:
+        out.append("missing in checkpoint: " + clip(missing))
+    if unexpected:
+        out.append("not in model: " + clip(unexpected))
+    return out
+
+
+def load_weights(model: EMOTransformer, path: str | Path) -> None:
+    """Load a checkpoint's transformer weights into ``model`` (same architecture; mismatches are named)."""
+    state = model_state(read_checkpoint(path))
+    problems = describe_mismatch(state, model.state_dict())
+    if problems:
+        raise UserError(
+            f"{path}: the checkpoint does not fit this model ({'; '.join(problems)})",
+            "take the architecture from the checkpoint (emo fit --init_from does) or pass a matching one",
+        )
+    model.load_state_dict(state, strict=True)
 
 
 def load_model(path: str | Path) -> LoadedModel:
