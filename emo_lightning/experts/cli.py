@@ -109,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser(
+        "export", help="a Hugging Face model folder (stock Qwen2-MoE / Qwen3-MoE, no remote code)"
+    )
+    p.add_argument("--ckpt", required=True)
+    p.add_argument(
+        "--subset", default=None, help="export the checkpoint cut to this subset.json (a smaller model)"
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder (config.json, model.safetensors, tokenizer...)"
+    )
+    p.add_argument(
+        "--tokenizer", default=DEFAULT_TOKENIZER, help="the run's tokenizer.json (default: %(default)s)"
+    )
+
     p = sub.add_parser("eval", help="per-domain loss and perplexity (JSON and a table)")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--data", required=True, help="JSONL file or directory")
@@ -259,6 +273,25 @@ def cmd_prune(args: argparse.Namespace) -> None:
     print(f"  file            {_size(src_size):>12} -> {_size(size):>12} (source includes optimizer state)")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from emo_lightning.experts.export import export_hf, hf_architecture
+
+    lm = load_model(args.ckpt)
+    model = lm.model
+    if args.subset:
+        model = prune_model(model, _load_subset(args.subset, lm).layers)
+    arch = hf_architecture(model.cfg)
+    sizes = export_hf(model, args.tokenizer, args.out)
+    rc = model.cfg.router
+    print(f"exported {args.ckpt}{f' cut to {args.subset}' if args.subset else ''} as {arch} -> {args.out}")
+    print(
+        f"  {expert_parameter_counts(model)['total']:,} parameters, {rc.num_experts} experts per layer "
+        f"({rc.num_shared} shared), top-{rc.top_k}; routing: every token over all of its experts (no pools)"
+    )
+    for name, size in sizes.items():
+        print(f"  {name:<24} {_size(size):>12}")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     lm = load_model(args.ckpt)
     model = lm.model
@@ -328,6 +361,7 @@ COMMANDS = {
     "routes": cmd_routes,
     "select": cmd_select,
     "compose": cmd_compose,
+    "export": cmd_export,
     "prune": cmd_prune,
     "eval": cmd_eval,
     "report": cmd_report,
