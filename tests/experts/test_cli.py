@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
+from sklearn.metrics import normalized_mutual_info_score
 
 from emo_lightning.experts.checkpoint import load_model
 from emo_lightning.experts.cli import build_parser, main
+from emo_lightning.experts.documents import Document, DocumentTokenizer, load_documents
+from emo_lightning.experts.evaluate import evaluate
+from emo_lightning.experts.prune import prune_model
+from emo_lightning.model import EMOTransformer
 from tests.experts.conftest import TOKENIZER, tiny_model, write_checkpoint
 
 
@@ -166,33 +174,147 @@ def _subset(tmp_path: Path, ckpt: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def test_report(tmp_path: Path, jsonl: Path) -> None:
-    emo = write_checkpoint(tiny_model(), tmp_path / "emo.ckpt")
-    std = write_checkpoint(tiny_model("standard", seed=1), tmp_path / "std.ckpt")
+REPORT_ARGS = ["--shots", "1,2", "--calib-docs", "2", "--eval-docs", "1", "--random-seeds", "2", "--clusters", "3",
+               "--pool-prefix", "4", "--tokenizer", str(TOKENIZER)]  # fmt: skip
+
+
+def _report(out: Path, jsonl: Path, *argv: str) -> dict:
+    """``emo-experts report`` into ``out``; ``report.json`` (``{}`` with ``--only``)."""
+    _run("report", "--data", str(jsonl), "--out", str(out), *REPORT_ARGS, *argv)
+    return json.loads((out / "report.json").read_text()) if "--only" not in argv else {}
+
+
+def _eval_docs(report: dict, jsonl: Path) -> dict[str, list[Document]]:
+    """Each domain's evaluation documents: the ones the report did not calibrate on."""
+    docs = load_documents(jsonl, DocumentTokenizer(TOKENIZER))
+    out = {
+        d: [x for x in docs if x.domain == d and x.id not in v["calibration"]]
+        for d, v in report["domains"].items()
+    }
+    assert all(len(out[d]) == v["eval_docs"] for d, v in report["domains"].items())
+    return out
+
+
+def _loss(model: EMOTransformer, docs: list[Document]) -> float:
+    """Token-weighted loss of ``docs`` (one domain), packed as the report packs them (rows of 64, 16 rows)."""
+    pad = DocumentTokenizer(TOKENIZER).pad_id
+    return evaluate(model, docs, seq_len=64, batch_size=16, pad_id=pad)["all"]["loss"]
+
+
+def test_report_losses_are_those_of_the_pruned_models(tmp_path: Path, jsonl: Path) -> None:
+    """Every loss of the report is the loss of the model cut to the recorded subset on the held-out documents, every
+    rise is loss / full loss - 1 (keep 1: the model with all experts), the summary is the mean over domains."""
+    paths = {"emo": write_checkpoint(tiny_model(), tmp_path / "emo.ckpt"),
+             "standard": write_checkpoint(tiny_model("standard", seed=1), tmp_path / "std.ckpt")}  # fmt: skip
     out = tmp_path / "report"
-    common = ["--keep", "0.25,1", "--shots", "1,2", "--calib-docs", "2", "--eval-docs", "1", "--random-seeds", "2",
-              "--clusters", "3", "--pool-prefix", "4", "--out", str(out), "--tokenizer", str(TOKENIZER)]  # fmt: skip
-    _run("report", "--emo", str(emo), "--data", str(jsonl), "--only", "emo", *common)  # no --baseline needed
+    _report(out, jsonl, "--emo", str(paths["emo"]), "--keep", "0.25,1", "--only", "emo")  # no --baseline
     assert (out / "part_emo.json").exists() and not (out / "report.md").exists()
     stamp = (out / "part_emo.json").stat().st_mtime_ns
-    _run(
-        "report", "--emo", str(emo), "--baseline", str(std), "--data", str(jsonl), "--keep", "0.25,1",
-        "--shots", "1,2", "--calib-docs", "2", "--eval-docs", "1", "--random-seeds", "2", "--clusters", "3",
-        "--pool-prefix", "4", "--out", str(out), "--tokenizer", str(TOKENIZER),
-    )  # fmt: skip
-    report = json.loads((out / "report.json").read_text())
-    summary = report["models"]["emo"]["summary"]
-    assert set(summary) == {"0.25", "1"} and summary["1"]["shots_2"] == 0.0
-    assert 0.0 <= report["models"]["standard"]["clustering"]["nmi"] <= 1.0
-    assert (out / "loss_vs_keep.png").stat().st_size > 0 and (out / "mean_rise.png").exists()
-    assert "Mean relative loss rise" in (out / "report.md").read_text()
-    # later runs reuse each model's cached measurements
-    assert (out / "part_emo.json").stat().st_mtime_ns == stamp
-    from emo_lightning.experts.report import ReportConfig, run_report
-
-    cfg = ReportConfig(**{**report["config"]})
-    again = run_report(emo, std, jsonl, out, cfg, TOKENIZER, progress=False)
-    assert (out / "part_emo.json").stat().st_mtime_ns == stamp
-    assert again["models"]["emo"]["summary"] == report["models"]["emo"]["summary"]
+    report = _report(
+        out, jsonl, "--emo", str(paths["emo"]), "--baseline", str(paths["standard"]), "--keep", "0.25,1"
+    )
+    assert (out / "part_emo.json").stat().st_mtime_ns == stamp  # the full run did not measure EMO again
+    evals = _eval_docs(report, jsonl)
+    for name, path in paths.items():
+        model = load_model(path).model
+        part = report["models"][name]
+        assert part["keep_counts"] == {"0.25": 2, "1": 9}
+        everything = prune_model(model, [list(range(8))] * 3)  # keep 1: every routed expert of every layer
+        for domain, docs in evals.items():
+            dres = part["domains"][domain]
+            full = _loss(model, docs)
+            assert dres["full_loss"] == pytest.approx(full, rel=1e-9)
+            entry = dres["keep"]["1"]
+            for column in ("shots_1", "shots_2", "random"):
+                assert entry[column]["rise"] == pytest.approx(_loss(everything, docs) / full - 1, abs=1e-6)
+            entry = dres["keep"]["0.25"]
+            for shots in (1, 2):
+                cut = entry[f"shots_{shots}"]
+                assert cut["loss"] == pytest.approx(_loss(prune_model(model, cut["layers"]), docs), rel=1e-9)
+                assert cut["rise"] == pytest.approx(cut["loss"] / full - 1, rel=1e-9)
+            rand = entry["random"]
+            assert len(rand["seeds"]) == 2 and rand["loss"] == pytest.approx(sum(rand["seeds"]) / 2, rel=1e-9)
+            assert rand["rise"] == pytest.approx(rand["loss"] / full - 1, rel=1e-9)
+        for label, row in part["summary"].items():
+            for column, value in row.items():
+                rises = [dres["keep"][label][column]["rise"] for dres in part["domains"].values()]
+                assert value == pytest.approx(sum(rises) / len(rises), rel=1e-9, abs=1e-12)
+        assert part["summary"]["0.25"]["shots_2"] != 0.0  # the cut model does differ from the full one
     sizes = report["models"]["emo"]["pruned_params"]
     assert sizes["0.25"]["routed_experts"] * 8 == sizes["1"]["routed_experts"]
+    assert (out / "loss_vs_keep.png").stat().st_size > 0 and (out / "mean_rise.png").exists()
+    assert "Mean relative loss rise" in (out / "report.md").read_text()
+
+
+def test_report_reuses_cached_measurements_until_the_checkpoint_changes(tmp_path: Path, jsonl: Path) -> None:
+    """A run reads ``part_<model>.json`` instead of measuring again (an edit of the cache shows in the report), and
+    measures again once the checkpoint is rewritten."""
+    emo = write_checkpoint(tiny_model(), tmp_path / "emo.ckpt")
+    argv = ["--emo", str(emo), "--baseline", str(write_checkpoint(tiny_model("standard", seed=1), tmp_path / "std.ckpt")),
+            "--keep", "0.25,1"]  # fmt: skip
+    out = tmp_path / "report"
+    measured = _report(out, jsonl, *argv)["models"]["emo"]
+    cache = json.loads((out / "part_emo.json").read_text())
+    cache["part"]["summary"]["0.25"]["shots_1"] = 0.4242
+    cache["part"]["domains"]["math"]["full_loss"] = 123.456
+    (out / "part_emo.json").write_text(json.dumps(cache))
+    reused = _report(out, jsonl, *argv)["models"]["emo"]
+    assert (
+        reused["summary"]["0.25"]["shots_1"] == 0.4242 and reused["domains"]["math"]["full_loss"] == 123.456
+    )
+    md = (out / "report.md").read_text()
+    assert "+42.42%" in md and "| math | 123.4560 |" in md
+    stat = emo.stat()
+    os.utime(emo, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the checkpoint was rewritten
+    again = _report(out, jsonl, *argv)["models"]["emo"]
+    del again["seconds_selection_eval"], measured["seconds_selection_eval"]
+    assert again == measured  # measured anew: the edits are gone
+
+
+def _domain_routed_model(token_class: dict[int, int]) -> EMOTransformer:
+    """A model whose router probabilities depend only on the token's class (``token_class``; class 3 for every
+    other token): attention and experts add nothing to the residual stream, which stays the embedding, one unit
+    vector per class, and each class sends its tokens to two experts of its own in every layer."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.embed.weight.zero_()
+        model.embed.weight[:, 3] = 1.0
+        for token, c in token_class.items():
+            model.embed.weight[token] = torch.eye(32)[c]
+        for blk in model.blocks:
+            blk.attn.o_proj.weight.zero_()
+            blk.moe.experts.w_out.zero_()
+            blk.moe.shared.w_out.zero_()
+            blk.moe.router.weight.zero_()
+            for c in range(4):
+                blk.moe.router.weight[2 * c : 2 * c + 2, c] = 10.0
+    return model
+
+
+def test_report_clustering_finds_routing_that_follows_the_domain(tmp_path: Path, jsonl: Path) -> None:
+    """Tokens found in one domain only route by their domain, all others alike: the clusters are these four
+    groups, so the report's NMI and purity are those of the token groups against the domains (computed here)."""
+    docs = load_documents(jsonl, DocumentTokenizer(TOKENIZER))
+    domains = sorted({d.domain for d in docs})
+    seen: dict[int, set[str]] = {}
+    for d in docs:
+        for token in d.tokens.tolist():
+            seen.setdefault(token, set()).add(d.domain)
+    token_class = {t: domains.index(next(iter(ds))) for t, ds in seen.items() if len(ds) == 1}
+    emo = write_checkpoint(_domain_routed_model(token_class), tmp_path / "emo.ckpt")
+    std = write_checkpoint(tiny_model("standard", seed=1), tmp_path / "std.ckpt")
+    report = _report(tmp_path / "r", jsonl, "--emo", str(emo), "--baseline", str(std), "--keep", "1",
+                     "--clusters", "4")  # fmt: skip
+    labels, groups = [], []
+    for domain, group in _eval_docs(report, jsonl).items():
+        for token in (t for d in group for t in d.tokens.tolist()):
+            labels.append(domain)
+            groups.append(token_class.get(token, 3))
+    clustering = report["models"]["emo"]["clustering"]
+    assert clustering["tokens"] == len(labels)
+    assert clustering["nmi"] == pytest.approx(normalized_mutual_info_score(labels, groups), rel=1e-9)
+    table = Counter(zip(groups, labels, strict=True))
+    majority = sum(max(n for (g, _), n in table.items() if g == group) for group in set(groups))
+    assert clustering["purity"] == pytest.approx(majority / len(labels), rel=1e-9)
+    assert sorted(c["size"] for c in clustering["clusters"]) == sorted(Counter(groups).values())
+    assert clustering["nmi"] > 0.5 > report["models"]["standard"]["clustering"]["nmi"]
