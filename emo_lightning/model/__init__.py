@@ -10,9 +10,11 @@ from emo_lightning.model.attention import (
 )
 from emo_lightning.model.budget import ParamBudget, flops_per_token, param_counts
 from emo_lightning.model.config import ArchConfig, ModelConfig, RouterConfig, derive_seed
+from emo_lightning.model.decoding import DecodeCache, LayerCache
 from emo_lightning.model.losses import GlobalLoadBalance, load_balance, z_loss
 from emo_lightning.model.moe import (
     DispatchPlan,
+    LocalExchange,
     MoELayer,
     RoutedExperts,
     SharedExperts,
@@ -20,21 +22,31 @@ from emo_lightning.model.moe import (
     dispatch,
 )
 from emo_lightning.model.router import Router, RouterOutput, pool_bias, pool_mask, segment_ids
-from emo_lightning.model.transformer import Block, EMOTransformer, LayerRouting, ModelOutput
+from emo_lightning.model.transformer import (
+    Block,
+    EMOTransformer,
+    LayerRouting,
+    ModelOutput,
+    ParameterSummary,
+)
 
 __all__ = [
     "ArchConfig",
     "Attention",
     "AttentionMask",
     "Block",
+    "DecodeCache",
     "DispatchPlan",
     "EMOTransformer",
     "GlobalLoadBalance",
+    "LayerCache",
     "LayerRouting",
+    "LocalExchange",
     "MoELayer",
     "ModelConfig",
     "ModelOutput",
     "ParamBudget",
+    "ParameterSummary",
     "RMSNorm",
     "Rotary",
     "RoutedExperts",

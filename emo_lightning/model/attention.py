@@ -14,13 +14,16 @@ as if it were alone in its row (RoPE is relative: this only changes rounding, an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from emo_lightning.model.config import ArchConfig
+
+if TYPE_CHECKING:
+    from emo_lightning.model.decoding import LayerCache
 
 _compiled_flex: Any = None
 
@@ -71,6 +74,9 @@ class AttentionMask:
     dense: Tensor | None = None  # (B,1,S,S) bool, True = may attend (sdpa with document masking)
     block_mask: Any = None  # FlexAttention BlockMask
     causal_only: bool = False  # no document masking: plain causal
+    decode: bool = (
+        False  # one new token per row attending to a DecodeCache (positions (B,1), dense (B,1,1,T))
+    )
 
     @staticmethod
     def build(doc_ids: Tensor, cfg: ArchConfig) -> AttentionMask:
@@ -124,10 +130,24 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
-        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (hd/2,)
-        ang = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv[None, :]  # (T,hd/2)
-        self.register_buffer("cos", ang.cos().float(), persistent=False)
-        self.register_buffer("sin", ang.sin().float(), persistent=False)
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        cos, sin = self._tables(torch.get_default_device())
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(cos, sin) fp32 (T, hd/2), computed in fp64."""
+        hd = self.head_dim
+        inv = 1.0 / (self.theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
+        ang = torch.arange(self.max_seq_len, dtype=torch.float64, device=device)[:, None] * inv[None, :]
+        return ang.cos().float(), ang.sin().float()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Recompute the tables in place (after ``to_empty``: a model built on the meta device)."""
+        cos, sin = self._tables(self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """x: (B,H,S,hd); positions: (B,S) or (S,)."""
@@ -152,8 +172,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.rope = Rotary(self.hd, cfg.max_seq_len, cfg.rope_theta)
 
-    def forward(self, x: Tensor, mask: AttentionMask) -> Tensor:
-        """x: (B,S,d) -> (B,S,d)."""
+    def forward(self, x: Tensor, mask: AttentionMask, cache: LayerCache | None = None) -> Tensor:
+        """x: (B,S,d) -> (B,S,d). With ``cache`` the keys and values are stored for incremental decoding:
+        a prefill writes indices 0..S-1, a decode step (``mask.decode``) row b's one token at its position."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.hd).transpose(1, 2)  # (B,H,S,hd)
         k = self.k_proj(x).view(b, s, self.n_kv, self.hd).transpose(1, 2)  # (B,Hkv,S,hd)
@@ -161,6 +182,15 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, mask.positions), self.rope(k, mask.positions)
+        if cache is not None and mask.decode:
+            at = mask.positions.view(b, 1, 1, 1).expand(b, self.n_kv, 1, self.hd)  # (B,Hkv,1,hd)
+            cache.k.scatter_(2, at, k.to(cache.k.dtype))
+            cache.v.scatter_(2, at, v.to(cache.v.dtype))
+            width = mask.dense.shape[-1]
+            k, v = cache.k[:, :, :width].to(q.dtype), cache.v[:, :, :width].to(q.dtype)  # (B,Hkv,T,hd)
+        elif cache is not None:
+            cache.k[:, :, :s] = k
+            cache.v[:, :, :s] = v
         gqa = self.n_kv != self.n_heads
         if mask.backend == "flex":
             o = _flex_attention(q, k, v, mask.block_mask, gqa)

@@ -1,8 +1,10 @@
 """Dropless MoE: router -> dispatch (sort by expert) -> RoutedExperts(x_sorted, counts) -> combine.
 
-The expert computation only sees ``(x_sorted, counts)``, so an expert-parallel wrapper can insert an
-all-to-all between ``dispatch`` and ``RoutedExperts`` (and its inverse before ``combine``) without touching
-routing.
+The expert computation only sees ``(x_sorted, counts)``. ``MoELayer`` hands both to its pluggable ``exchange``
+(``exchange(x_sorted, counts, experts) -> y_sorted``): :class:`LocalExchange` (one process, or experts
+replicated) just applies ``experts``; expert parallelism (``emo_lightning.parallel``) plugs in an all-to-all
+exchange and a ``RoutedExperts`` holding only the rank's experts, without touching routing, dispatch, the
+expert maths or combine.
 
 ``RoutedExperts`` implementations:
 * ``loop``: ``x.split(counts)`` + ``W.unbind(0)``, one SwiGLU per non-empty expert. Fastest on CPU (see
@@ -15,7 +17,7 @@ routing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,9 @@ from torch import Tensor, nn
 
 from emo_lightning.model.config import ArchConfig, RouterConfig, derive_seed
 from emo_lightning.model.router import Router, RouterOutput
+
+if TYPE_CHECKING:
+    from emo_lightning.model.decoding import LayerCache
 
 ExpertImpl = Literal["auto", "loop", "grouped_mm"]
 _EXPERT_STREAM = 0xE4E2  # seed-derivation tag for expert initialisation
@@ -61,7 +66,9 @@ def combine(y_sorted: Tensor, weights: Tensor, plan: DispatchPlan) -> Tensor:
 
 
 def _trunc_normal(shape: tuple[int, ...], std: float, gen: torch.Generator) -> Tensor:
-    return nn.init.trunc_normal_(torch.empty(shape), std=std, a=-3 * std, b=3 * std, generator=gen)
+    """Drawn on the CPU (the generator's device) whatever the default device: the same values everywhere."""
+    out = torch.empty(shape, device="cpu")
+    return nn.init.trunc_normal_(out, std=std, a=-3 * std, b=3 * std, generator=gen)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -167,6 +174,18 @@ class SharedExperts(nn.Module):
         return _swiglu(x, self.w_in.to(x.dtype), self.w_out.to(x.dtype))
 
 
+class LocalExchange(nn.Module):
+    """The token exchange of a layer whose routable experts are all local: apply them (no communication).
+
+    An exchange maps expert-sorted token copies to expert outputs in the same order:
+    ``forward(x_sorted (M,d), counts (E',) long, experts) -> (M,d)``; an expert-parallel one sends rows to the
+    ranks holding their experts and brings the outputs back around ``experts(rows, local_counts)``.
+    """
+
+    def forward(self, x_sorted: Tensor, counts: Tensor, experts: nn.Module) -> Tensor:
+        return experts(x_sorted, counts)
+
+
 class MoELayer(nn.Module):
     """Router + routed experts + shared experts. forward(h (B,S,d), doc_ids (B,S)) -> (y (B,S,d),
     RouterOutput)."""
@@ -184,6 +203,7 @@ class MoELayer(nn.Module):
             if rcfg.num_shared > 0
             else None
         )
+        self.exchange: nn.Module = LocalExchange()  # expert parallelism swaps in an all-to-all exchange
 
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
@@ -193,12 +213,14 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             self.shared.reset_parameters(std, self.seed, self.layer_idx)
 
-    def forward(self, h: Tensor, doc_ids: Tensor) -> tuple[Tensor, RouterOutput]:
+    def forward(
+        self, h: Tensor, doc_ids: Tensor, cache: LayerCache | None = None
+    ) -> tuple[Tensor, RouterOutput]:
         b, s, d = h.shape
-        r = self.router(h, doc_ids)
+        r = self.router(h, doc_ids, cache)  # cache: incremental decoding state (running pools)
         x = h.reshape(b * s, d)  # (N,d)
         plan = dispatch(x, r.experts, self.num_routed)
-        y = combine(self.experts(plan.x_sorted, plan.counts), r.weights, plan)  # (N,d)
+        y = combine(self.exchange(plan.x_sorted, plan.counts, self.experts), r.weights, plan)  # (N,d)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(b, s, d), r

@@ -17,12 +17,13 @@ so the number of documents never needs to be known on the host):
     w, idx = topk(s, k')                        (N,k')  not renormalised (unless normalize_weights: w / sum w)
 
 With ``pool_scope="running"`` the preference of token t is the sum of q over its document's tokens up to and
-including t (a segmented cumulative sum, (N,E')), so every token has its own causal pool (``running_pool_bias``).
+including t (a segmented cumulative sum, (N,E'), ``running_preference``), so every token has its own causal pool.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from torch import Tensor, nn
 
 from emo_lightning.model.attention import segment_index, segment_positions
 from emo_lightning.model.config import PoolScope, RouterConfig, derive_seed
+
+if TYPE_CHECKING:
+    from emo_lightning.model.decoding import LayerCache
 
 _POOL_STREAM = 0x5EED  # seed-derivation tag for pool-size generators
 
@@ -89,26 +93,30 @@ def _top_pool_bias(pref: Tensor, sizes: Tensor, max_pool: int, dtype: torch.dtyp
     return torch.full((r, e), float("-inf"), dtype=dtype, device=dev).scatter_(1, top, src)
 
 
-def running_pool_bias(
-    probs: Tensor, doc_ids: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int
-) -> Tensor:
-    """Causal pool mask: token t's pool is the top-P of the summed q over its segment's tokens 0..t.
+def running_preference(probs: Tensor, doc_ids: Tensor) -> Tensor:
+    """Token t's summed q over its segment's tokens 0..t, fp64. probs: (N,E'); doc_ids: (B,S) -> (B,S,E').
 
-    probs: (N,E') unmasked softmax (no grad needed); doc_ids: (B,S) segment ids (N = B*S); seg, pool_sizes,
-    max_pool: as in ``pool_bias``. The last token of a segment gets the segment's document pool (up to ties).
-    Returns (N,E') additive mask, 0 inside and -inf outside each token's pool.
+    fp64 running sums rank like the fp32 per-document sum; for a segment starting at a row's first token the
+    value is exactly the sequential sum q_0 + ... + q_t (what incremental decoding accumulates).
     """
     b, s = doc_ids.shape
-    n, e = probs.shape
-    dev = probs.device
-    max_pool = min(max_pool, e)
-    # fp64 running sums (exact enough to rank like the fp32 per-document sum); 0 at each segment's start
-    q = probs.view(b, s, e).double()
+    q = probs.view(b, s, -1).double()
     cum = q.cumsum(1)  # (B,S,E')
-    first = torch.arange(s, device=dev) - segment_positions(doc_ids)  # (B,S) position of the segment's start
-    before = (cum - q).gather(1, first.unsqueeze(-1).expand(b, s, e))  # (B,S,E') sum before the start
-    pref = (cum - before).reshape(n, e)  # (N,E')
-    return _top_pool_bias(pref, pool_sizes.index_select(0, seg), max_pool, probs.dtype)
+    first = torch.arange(s, device=probs.device) - segment_positions(doc_ids)  # (B,S) segment start
+    before = (cum - q).gather(1, first.unsqueeze(-1).expand_as(q))  # (B,S,E') sum before the start
+    return cum - before
+
+
+def running_pool_bias(
+    pref: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int, dtype: torch.dtype
+) -> Tensor:
+    """Causal pool mask: token t's pool is the top-P of its running preference ``pref`` (N,E').
+
+    seg, pool_sizes, max_pool: as in ``pool_bias``. The last token of a segment gets the segment's document
+    pool (up to ties). Returns (N,E') additive mask in ``dtype``, 0 inside and -inf outside each token's pool.
+    """
+    max_pool = min(max_pool, pref.shape[-1])
+    return _top_pool_bias(pref, pool_sizes.index_select(0, seg), max_pool, dtype)
 
 
 def pool_mask(probs: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int) -> Tensor:
@@ -160,8 +168,9 @@ class Router(nn.Module):
             p = p.pin_memory()  # a truly asynchronous host-to-device copy: no stream synchronisation
         return p.to(device, non_blocking=True), self.pool_max
 
-    def forward(self, h: Tensor, doc_ids: Tensor) -> RouterOutput:
-        """h: (B,S,d) normalised hidden; doc_ids: (B,S) segment ids."""
+    def forward(self, h: Tensor, doc_ids: Tensor, cache: LayerCache | None = None) -> RouterOutput:
+        """h: (B,S,d) normalised hidden; doc_ids: (B,S) segment ids. ``cache``: incremental decoding (running
+        pools keep each row's document preference in ``cache.pref``; see ``model/decoding.py``)."""
         b, s, d = h.shape
         n, e = b * s, self.num_routed
         with torch.autocast(device_type=h.device.type, enabled=False):  # router logits stay fp32 under AMP
@@ -176,7 +185,20 @@ class Router(nn.Module):
                 0, seg, forced.sum(-1), "amax", include_self=False
             )  # (N,) pool size per flat segment id
         elif sizes is not None and self.pool_scope == "running":  # (N,E') -inf outside each token's own pool
-            z = z + running_pool_bias(z.detach().softmax(-1), doc_ids, seg, sizes, pmax)
+            q = z.detach().softmax(-1)  # (N,E')
+            if cache is not None and cache.pref is not None:  # decode step: one token per row
+                pref = cache.pref + q.double()  # (B,E') the same addition as the prefix cumsum
+            else:
+                pref = running_preference(q, doc_ids).reshape(n, e)  # (N,E')
+            if cache is not None:  # keep each row's document preference (its first segment's last token)
+                first_seg = (doc_ids == doc_ids[:, :1]).long().cumprod(1)  # (B,S) 1 on the first segment
+                last = first_seg.sum(1) - 1  # (B,) its last token (0 in a decode step)
+                cache.pref = pref.view(b, s, e)[torch.arange(b, device=h.device), last]  # (B,E')
+            z = z + running_pool_bias(pref, seg, sizes, pmax, z.dtype)
+        elif sizes is not None and cache is not None:
+            raise ValueError(
+                "document pools look ahead: decode with running pools (pool_scope) or full routing"
+            )
         elif sizes is not None:
             z = z + pool_bias(z.detach().softmax(-1), seg, sizes, pmax)  # (N,E') -inf outside the pool
         s_ = z.softmax(-1)  # (N,E')

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from emo_lightning.model.attention import Attention, AttentionMask, RMSNorm
+from emo_lightning.model.attention import Attention, AttentionMask, RMSNorm, Rotary
 from emo_lightning.model.config import ModelConfig
+from emo_lightning.model.decoding import DecodeCache, LayerCache
 from emo_lightning.model.losses import GlobalLoadBalance, load_balance, z_loss
-from emo_lightning.model.moe import ExpertImpl, MoELayer
+from emo_lightning.model.moe import ExpertImpl, MoELayer, RoutedExperts, SharedExperts
 from emo_lightning.model.router import RouterOutput, segment_ids
 
 
@@ -56,41 +57,100 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(a.d_model, a.norm_eps)
         self.moe = MoELayer(a, cfg.router, layer_idx, impl=expert_impl)
 
-    def forward(self, x: Tensor, mask: AttentionMask, doc_ids: Tensor) -> tuple[Tensor, RouterOutput]:
-        x = x + self.attn(self.attn_norm(x), mask)
-        y, r = self.moe(self.ffn_norm(x), doc_ids)
+    def forward(
+        self, x: Tensor, mask: AttentionMask, doc_ids: Tensor, cache: LayerCache | None = None
+    ) -> tuple[Tensor, RouterOutput]:
+        x = x + self.attn(self.attn_norm(x), mask, cache)
+        y, r = self.moe(self.ffn_norm(x), doc_ids, cache)
         return x + y, r
+
+
+@dataclass(frozen=True)
+class ParameterSummary:
+    """Parameters a (rank-local) model holds: ``dense`` (everything but experts), ``shared`` experts, ``routed``
+    experts (``local_experts`` of the ``routable_experts`` per layer); ``bytes`` of parameters and buffers."""
+
+    dense: int
+    shared: int
+    routed: int
+    local_experts: int
+    routable_experts: int
+    bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.shared + self.routed
+
+    def line(self, rank: int, world: int) -> str:
+        """``rank r/W: P parameters (dense D, shared S, routed X of E per layer), B MB``."""
+        return (
+            f"rank {rank}/{world}: {self.total:,} parameters (dense {self.dense:,}, shared {self.shared:,}, "
+            f"routed {self.routed:,}: {self.local_experts} of {self.routable_experts} experts per layer), "
+            f"{self.bytes / 2**20:,.1f} MB"
+        )
 
 
 class EMOTransformer(nn.Module):
     """``model(input_ids (B,S), doc_ids (B,S), *, balance=None, return_routes=False) -> ModelOutput``."""
 
     def __init__(self, cfg: ModelConfig, expert_impl: ExpertImpl = "auto") -> None:
+        """Built on the meta device (shapes only, no memory, no random draws), then materialised on the
+        default device (:meth:`materialize`) unless that is ``meta``: the one-process build and a rank-local
+        expert-parallel build (meta -> placement -> materialize) run the same initialisation."""
         super().__init__()
         self.cfg = cfg
         a = cfg.arch
-        self.embed = nn.Embedding(a.vocab_size, a.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i, expert_impl) for i in range(a.n_layers))
-        self.norm = RMSNorm(a.d_model, a.norm_eps)
-        self.lm_head = nn.Linear(a.d_model, a.vocab_size, bias=False)
-        if (
-            not self.lm_head.weight.is_meta
-        ):  # built on the meta device: shapes only, initialise after to_empty()
-            self.init_weights()
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            self.embed = nn.Embedding(a.vocab_size, a.d_model)
+            self.blocks = nn.ModuleList(Block(cfg, i, expert_impl) for i in range(a.n_layers))
+            self.norm = RMSNorm(a.d_model, a.norm_eps)
+            self.lm_head = nn.Linear(a.d_model, a.vocab_size, bias=False)
+        if device.type != "meta":
+            self.materialize(device)
+
+    def materialize(self, device: torch.device | str | None = None) -> EMOTransformer:
+        """Allocate the parameters and buffers this module holds on ``device`` (default: the default device) and
+        initialise them (:meth:`init_weights`). Allocates only what is there: after expert placement, the
+        rank's own experts."""
+        self.to_empty(device=torch.get_default_device() if device is None else device)
+        self.init_weights()
+        return self
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Truncated normal (+-3 std, init_std) for every matrix, ones for norms. Dense weights use the global
-        RNG; every expert (routed and shared) uses its own generator seeded by (router.seed, layer, expert
-        id)."""
+        """Truncated normal (+-3 std, init_std) for every matrix, ones for norms, RoPE tables. Dense weights use
+        the global RNG in module order (nothing else draws from it here, whatever experts a rank holds); every
+        expert (routed and shared) uses its own generator seeded by (router.seed, layer, global expert id)."""
         std = self.cfg.arch.init_std
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+            elif isinstance(m, Rotary):
+                m.reset_parameters()
             elif isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(m.weight, std=std, a=-3 * std, b=3 * std)
             elif isinstance(m, MoELayer):
                 m.reset_parameters(std)
+
+    def parameter_summary(self) -> ParameterSummary:
+        """What this module holds (dense, shared-expert and routed-expert parameters): see the startup line."""
+        routed = [m for m in self.modules() if isinstance(m, RoutedExperts)]
+        shared = [m for m in self.modules() if isinstance(m, SharedExperts)]
+
+        def count(mods: list[nn.Module]) -> int:
+            return sum(p.numel() for m in mods for p in m.parameters())
+
+        n_routed, n_shared = count(routed), count(shared)
+        tensors = [*self.parameters(), *self.buffers()]
+        return ParameterSummary(
+            dense=sum(p.numel() for p in self.parameters()) - n_routed - n_shared,
+            shared=n_shared,
+            routed=n_routed,
+            local_experts=max((m.num_experts for m in routed), default=0),
+            routable_experts=self.cfg.router.num_routed,
+            bytes=sum(t.numel() * t.element_size() for t in tensors),
+        )
 
     def routers(self) -> list[nn.Module]:
         return [b.moe.router for b in self.blocks]
@@ -113,21 +173,28 @@ class EMOTransformer(nn.Module):
         balance: GlobalLoadBalance | None = None,
         return_routes: bool = False,
         route_probs: bool = True,
+        cache: DecodeCache | None = None,
     ) -> ModelOutput:
         """input_ids, doc_ids: (B,S) long (doc_ids None = one document per row).
 
         ``route_probs=False`` skips the (B,S,E') ``probs`` softmax of ``return_routes`` (e.g. for monitoring).
+        ``cache``: incremental decoding (``model/decoding.py``): the first forward is the prefill of the prompts
+        (row b's first segment is its document), every later one one new token per row.
         """
         rc, n_layers = self.cfg.router, self.cfg.arch.n_layers
         if doc_ids is None:
             doc_ids = torch.zeros_like(input_ids)
         b, s = input_ids.shape
-        mask = AttentionMask.build(doc_ids, self.cfg.arch)
+        mask = cache.start(doc_ids) if cache is not None else None
+        if mask is None:
+            mask = AttentionMask.build(doc_ids, self.cfg.arch)
         x = self.embed(input_ids)  # (B,S,d)
         routes: list[RouterOutput] = []
-        for blk in self.blocks:
-            x, r = blk(x, mask, doc_ids)
+        for i, blk in enumerate(self.blocks):
+            x, r = blk(x, mask, doc_ids, None if cache is None else cache.layers[i])
             routes.append(r)
+        if cache is not None:
+            cache.finish(s)
         logits = self.lm_head(self.norm(x))  # (B,S,V)
 
         counts = torch.stack([r.counts for r in routes])  # (L,E') long

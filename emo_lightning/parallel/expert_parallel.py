@@ -200,9 +200,11 @@ class ExpertParallelMoE(MoE):
             self.shared.reset_parameters(std, self.seed, self.layer_idx)
 
     # -------------------------------------------------------------------------------------------- forward
-    def forward(self, h: Tensor, doc_ids: Tensor) -> tuple[Tensor, RouterOutput]:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, h: Tensor, doc_ids: Tensor, cache: Any = None
+    ) -> tuple[Tensor, RouterOutput]:
         b, s, d = h.shape
-        r = self.router(h, doc_ids)
+        r = self.router(h, doc_ids, cache)
         x = h.reshape(b * s, d)
         plan = dispatch(x, r.experts, self.num_routed)
         if self.ep_size == 1:
