@@ -19,6 +19,7 @@ import torch
 
 from emo_lightning.callbacks.safe_checkpoint import SafeModelCheckpoint
 from emo_lightning.checkpointing import (
+    TMP_SUFFIX,
     AtomicCheckpointIO,
     CheckpointDirError,
     CheckpointWriteError,
@@ -50,39 +51,64 @@ def file_size_limit(limit: int) -> Iterator[None]:
 WRITER = """
 import sys, torch
 from emo_lightning.checkpointing import atomic_save
-blob = torch.randn(8 * 2**20 // 4)
+blob = torch.arange(2**21, dtype=torch.float32)
 i = 0
 while True:
+    print(i, flush=True)  # about to write checkpoint i (checkpoint i - 1 is complete)
     atomic_save({"i": i, "blob": blob}, sys.argv[1])
     i += 1
-    print(i, flush=True)
 """
 
 
-def test_sigkill_during_checkpoint_writes_never_leaves_a_broken_file(tmp_path: Path) -> None:
-    """An 8 MB checkpoint rewritten in a loop and the writer killed with SIGKILL at 3 different moments."""
+def kill_while_writing(proc: subprocess.Popen, path: Path, min_bytes: int = 0, timeout: float = 180) -> Path:
+    """SIGKILL ``proc`` while it rewrites checkpoint ``path``: poll for its temporary file holding at least
+    ``min_bytes``, freeze the writer (SIGSTOP), check the temporary is still there (not yet renamed), kill it.
+    Returns the temporary the kill interrupted."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint write was caught"
+        for tmp in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                if tmp.stat().st_size >= min_bytes:
+                    proc.send_signal(signal.SIGSTOP)
+                    if tmp.exists() and tmp.stat().st_size >= min_bytes:  # frozen mid-write
+                        proc.send_signal(signal.SIGKILL)
+                        proc.wait()
+                        return tmp
+                    proc.send_signal(signal.SIGCONT)  # renamed in between: catch the next write
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("min_bytes", [0, 2 * 2**20, 6 * 2**20], ids=["opened", "2MB-written", "6MB-written"])
+def test_sigkill_during_checkpoint_writes_never_leaves_a_broken_file(tmp_path: Path, min_bytes: int) -> None:
+    """An 8 MB checkpoint rewritten in a loop, the writer killed while its temporary holds ``min_bytes``: the
+    previous checkpoint is intact and the temporary is what start-up clean-up removes."""
     path = tmp_path / "last.ckpt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    seen = -1
-    for delay in (0.0, 0.07, 0.19):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(path)], cwd=ROOT, env=env, stdout=subprocess.PIPE
-        )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
         assert proc.stdout is not None
-        proc.stdout.readline()  # one complete write done
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert is_complete_checkpoint(path)
-        data = torch.load(path, weights_only=True)
-        assert data["i"] >= 0 and data["blob"].numel() == 2**21
-        seen = max(seen, data["i"])
-        remove_stale_temporaries(tmp_path)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
-    assert seen >= 0
+        for line in proc.stdout:
+            if line.strip() == "2":  # checkpoints 0 and 1 are complete
+                break
+        tmp = kill_while_writing(proc, path, min_bytes)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    writing = int(["2", *proc.stdout.read().split()][-1])  # the checkpoint being written when the kill landed
+    assert tmp.exists()  # the kill landed before the rename
+    assert is_complete_checkpoint(path)
+    data = torch.load(path, weights_only=True)
+    assert data["i"] == writing - 1 and torch.equal(data["blob"], torch.arange(2**21, dtype=torch.float32))
+    assert remove_stale_temporaries(tmp_path) == [tmp]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
 def test_sigkill_during_training_then_resume_last(tmp_path: Path, make_shards, emo_args) -> None:
+    """A run killed while it rewrites ``last.ckpt`` resumes from the previous one, intact; start-up removes the
+    temporary the kill left."""
     train = make_shards(30)
     args = emo_args(tmp_path, train, "--checkpoint.every_n_train_steps", "1")
     ckpts = tmp_path / "emo_tiny" / "checkpoints"
@@ -97,16 +123,19 @@ def test_sigkill_during_training_then_resume_last(tmp_path: Path, make_shards, e
         while not (ckpts / "step0000004.ckpt").exists():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-2000:]
             time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)  # checkpoints are written every step: likely mid-write
-        proc.wait()
+        tmp = kill_while_writing(proc, ckpts / "last.ckpt")
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert is_complete_checkpoint(ckpts / "last.ckpt")
+    assert tmp.exists()
+    saved = sorted(ckpts.glob("step*.ckpt"))
+    assert saved and all(is_complete_checkpoint(p) for p in [*saved, ckpts / "last.ckpt"])
     step = torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"]
+    # the kill landed while last.ckpt was rewritten for step N, after step N's own file: last.ckpt holds N - 1
+    assert saved[-1].name == f"step{step + 1:07d}.ckpt"
     main(["fit", *args, "--trainer.max_steps", str(step + 1), "--ckpt_path", "last"])
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == step + 1
-    assert not list(ckpts.glob(".*.tmp"))  # a temporary left by the kill was removed at start-up
+    assert not tmp.exists() and not list(ckpts.glob(f".*{TMP_SUFFIX}"))  # removed at start-up
 
 
 # ------------------------------------------------------------------ broken last.ckpt
