@@ -70,12 +70,12 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check emo_lightning data_tools tests benchmarks
-	$(BIN)/ruff format --check emo_lightning data_tools tests benchmarks
+	$(BIN)/ruff check emo_lightning data_tools tests benchmarks scripts
+	$(BIN)/ruff format --check emo_lightning data_tools tests benchmarks scripts
 
 format: install
-	$(BIN)/ruff format emo_lightning data_tools tests benchmarks
-	$(BIN)/ruff check --fix emo_lightning data_tools tests benchmarks
+	$(BIN)/ruff format emo_lightning data_tools tests benchmarks scripts
+	$(BIN)/ruff check --fix emo_lightning data_tools tests benchmarks scripts
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir runs
