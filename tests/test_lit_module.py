@@ -3,41 +3,27 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from emo_lightning.data import ShardDataModule
 from emo_lightning.lit_module import EMOLitModule
-from emo_lightning.model import ArchConfig, RouterConfig
-from emo_lightning.optim import OptimConfig, parameter_groups, warmup_cosine
+from emo_lightning.optim import parameter_groups, warmup_cosine
+from tests.factories import tiny_lit_module
 
 
-def tiny_module(kind: str = "emo") -> EMOLitModule:
-    return EMOLitModule(
-        arch=ArchConfig(vocab_size=4096, d_model=32, n_layers=2, n_heads=2, expert_hidden=32, max_seq_len=64),
-        router=RouterConfig(
-            kind=kind,
-            num_experts=8,
-            num_shared=1,
-            top_k=3,
-            pool_min=2,
-            pool_max=7,
-            pool_eval=3,
-        ),
-        optim=OptimConfig(lr=3e-3, warmup_steps=2),
-    )
-
-
-def tiny_data(shards: dict[str, Path], with_val: bool = False) -> ShardDataModule:
+def tiny_data(shards: dict[str, Path], with_val: bool = False, batch_size: int = 4) -> ShardDataModule:
     return ShardDataModule(
         train_shards=str(shards["train"]),
         val_shards=str(shards["val"]) if with_val else None,
         seq_len=64,
-        batch_size=4,
+        batch_size=batch_size,
         num_workers=0,
         shuffle_buffer=50,
         seed=3,
@@ -46,7 +32,7 @@ def tiny_data(shards: dict[str, Path], with_val: bool = False) -> ShardDataModul
 
 def fit(tmp: Path, shards, max_steps: int, ckpt_path: str | None = None, accumulate: int = 2) -> EMOLitModule:
     L.seed_everything(0)
-    module = tiny_module()
+    module = tiny_lit_module()
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
@@ -73,14 +59,14 @@ def test_resume_is_exact(tmp_path: Path, tiny_shards) -> None:
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
             torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     # and training moved the weights at all (the comparison is not between two initialisations)
-    fresh = tiny_module()
+    fresh = tiny_lit_module()
     fresh.configure_model()
     init = fresh.state_dict()
     assert not torch.allclose(init["model.lm_head.weight"], ref["model.lm_head.weight"])
 
 
 def test_parameter_groups_exclude_embeddings_and_norms() -> None:
-    module = tiny_module()
+    module = tiny_lit_module()
     module.configure_model()
     decay, no_decay = parameter_groups(module.model, weight_decay=0.1)
     no_decay_ids = {id(p) for p in no_decay["params"]}
@@ -101,7 +87,7 @@ def test_schedule_warms_up_then_decays_to_floor() -> None:
 
 def test_balance_counts_accumulate_over_the_optimizer_step(tiny_shards) -> None:
     """The balance state holds the counts of every micro-batch of the current step, and resets per step."""
-    module = tiny_module()
+    module = tiny_lit_module()
     seen: list[float] = []
 
     class Spy(L.Callback):
@@ -117,14 +103,41 @@ def test_balance_counts_accumulate_over_the_optimizer_step(tiny_shards) -> None:
     assert seen == [per_batch, 2 * per_batch, 3 * per_batch] * 2
 
 
-def test_validation_logs_per_domain_perplexity(tmp_path: Path, tiny_shards) -> None:
-    module = tiny_module()
+def test_validation_logs_per_domain_loss_and_perplexity(tiny_shards) -> None:
+    """``val/<domain>/loss`` is the mean cross-entropy of that domain's target tokens (recomputed here from the
+    same batches), ``val/<domain>/ppl`` its exp, and the domains' token-weighted mean is ``val/ce``."""
+    L.seed_everything(0)
+    module = tiny_lit_module()
+    module.configure_model()
+    # confident random predictions: per-token losses far apart, so that a wrong weighting shows
+    with torch.no_grad():
+        module.model.lm_head.weight.mul_(50.0)
+    # the whole validation set (every domain); 17 rows: the last batch is part-full (token weighting matters)
+    data = tiny_data(tiny_shards, with_val=True, batch_size=17)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False, limit_val_batches=3,
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False,
     )  # fmt: skip
-    metrics = trainer.validate(module, datamodule=tiny_data(tiny_shards, with_val=True))[0]
-    domain_keys = [k for k in metrics if k.startswith("val/") and k.endswith("/ppl") and k != "val/ppl"]
-    assert domain_keys, metrics
-    for key in domain_keys:
-        assert 1.0 < metrics[key] < 2 * 4096  # an untrained model: near-uniform over the vocabulary
+    metrics = trainer.validate(module, datamodule=data)[0]
+    loss_sum: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    module.eval()
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            ce = F.cross_entropy(
+                module(batch).logits.flatten(0, 1), batch["labels"].flatten(), reduction="none"
+            )
+            for d in set(batch["domain_ids"].unique().tolist()) - {-1}:  # -1: padding
+                target = (batch["domain_ids"] == d).flatten() & (batch["labels"] != -100).flatten()
+                name = data.domains[d]
+                loss_sum[name] = loss_sum.get(name, 0.0) + float(ce[target].double().sum())
+                tokens[name] = tokens.get(name, 0) + int(target.sum())
+    logged = {k.split("/")[1] for k in metrics if k.count("/") == 2}
+    assert logged == set(data.domains) == {name for name, n in tokens.items() if n > 0}, metrics
+    for name in logged:
+        loss = metrics[f"val/{name}/loss"]
+        assert loss == pytest.approx(loss_sum[name] / tokens[name], rel=1e-5), name
+        assert metrics[f"val/{name}/ppl"] == pytest.approx(math.exp(loss), rel=1e-6), name
+    weighted = sum(metrics[f"val/{n}/loss"] * tokens[n] for n in logged) / sum(tokens[n] for n in logged)
+    assert metrics["val/ce"] == pytest.approx(weighted, rel=1e-5)
+    assert math.log(metrics["val/ppl"]) == pytest.approx(metrics["val/ce"], abs=1e-5)

@@ -12,9 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from emo_lightning.callbacks import ExpertUsageMonitor, RoutingCollapseWarning
 from emo_lightning.data import ShardDataModule
-from emo_lightning.lit_module import EMOLitModule
-from emo_lightning.model import ArchConfig, RouterConfig
-from emo_lightning.optim import OptimConfig
+from tests.factories import tiny_lit_module
 
 N_LAYERS, ROUTED, K = 2, 7, 2
 
@@ -42,15 +40,7 @@ def run(
     tmp: Path, shards: dict[str, Path], kind: str, **monitor
 ) -> tuple[CountingMonitor, EventAccumulator, list]:
     L.seed_everything(0)
-    module = EMOLitModule(
-        arch=ArchConfig(
-            vocab_size=4096, d_model=32, n_layers=N_LAYERS, n_heads=2, expert_hidden=32, max_seq_len=64
-        ),
-        router=RouterConfig(
-            kind=kind, num_experts=8, num_shared=1, top_k=3, pool_min=2, pool_max=7, pool_eval=3
-        ),
-        optim=OptimConfig(lr=3e-3, warmup_steps=2),
-    )
+    module = tiny_lit_module(kind)
     data = ShardDataModule(
         train_shards=str(shards["train"]), seq_len=64, batch_size=4, num_workers=0, shuffle_buffer=50, seed=3
     )

@@ -11,9 +11,7 @@ import lightning as L
 import pytest
 
 from emo_lightning.data import ShardDataModule
-from emo_lightning.lit_module import EMOLitModule
-from emo_lightning.model import ArchConfig, RouterConfig
-from emo_lightning.optim import OptimConfig
+from tests.factories import tiny_lit_module
 
 
 @pytest.fixture
@@ -33,18 +31,6 @@ def make_shards(tiny_shards: dict[str, Path], tmp_path: Path) -> Callable[[int],
         return out
 
     return make
-
-
-def tiny_module(num_experts: int = 8) -> EMOLitModule:
-    """The d_model 32, 2-layer model of the tests."""
-    return EMOLitModule(
-        arch=ArchConfig(vocab_size=4096, d_model=32, n_layers=2, n_heads=2, expert_hidden=32, max_seq_len=64),
-        router=RouterConfig(
-            kind="emo", num_experts=num_experts, num_shared=1, top_k=3, pool_min=2, pool_max=num_experts - 1,
-            pool_eval=3,
-        ),
-        optim=OptimConfig(lr=3e-3, warmup_steps=2),
-    )  # fmt: skip
 
 
 def tiny_data(train: Path, **kwargs) -> ShardDataModule:
@@ -72,7 +58,7 @@ def tiny_trainer(max_steps: int, callbacks: list, **kwargs) -> L.Trainer:
 @pytest.fixture
 def tiny() -> tuple[Callable, Callable, Callable]:
     """``(tiny_module, tiny_data, tiny_trainer)`` factories."""
-    return tiny_module, tiny_data, tiny_trainer
+    return tiny_lit_module, tiny_data, tiny_trainer
 
 
 def cli_args(runs: Path, train: Path, *extra: str) -> list[str]:
