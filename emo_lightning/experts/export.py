@@ -6,7 +6,9 @@ and vLLM serves it. The target is chosen by configuration (facts in ``ECOSYSTEM_
 
 * ``arch.qk_norm`` off (any number of shared experts) -> ``Qwen2MoeForCausalLM``;
 * ``arch.qk_norm`` on, no shared experts -> ``Qwen3MoeForCausalLM`` (per-head q/k RMSNorm before RoPE, as ours);
-* ``arch.qk_norm`` on with shared experts has no stock class: refused, naming the options.
+* ``arch.qk_norm`` on with shared experts has no stock class: refused, naming the options; so is a router with
+  an auxiliary-loss-free selection bias (``router.balance`` bias or both): no stock class adds a bias to the
+  softmax router's choice, and it cannot be folded into the weights exactly (pruned checkpoints carry it).
 
 Weight mapping (ours -> Hugging Face, per layer ``l``): ``attn_norm`` -> ``input_layernorm``, ``attn.{q,k,v,o}_proj``
 -> ``self_attn.{q,k,v,o}_proj`` (Qwen2-MoE: zero q/k/v biases, which vLLM always creates), ``ffn_norm`` ->
@@ -45,6 +47,13 @@ FILES = (
 
 def hf_architecture(cfg: ModelConfig) -> str:
     """``Qwen2MoeForCausalLM`` or ``Qwen3MoeForCausalLM`` for ``cfg``; a ``UserError`` naming the options if none."""
+    if cfg.router.uses_bias:
+        raise UserError(
+            f"router.balance={cfg.router.balance}: the selection bias of auxiliary-loss-free balancing has no "
+            "stock Qwen2/Qwen3-MoE equivalent (it changes which experts are chosen, so it cannot be folded into "
+            "the gate weights exactly)",
+            "serve it with `emo generate`, or export a model trained with router.balance=aux_loss",
+        )
     if not cfg.arch.qk_norm:
         return "Qwen2MoeForCausalLM"
     if cfg.router.num_shared == 0:

@@ -63,6 +63,8 @@ def prune_layer(moe: MoELayer, kept: Tensor, rc_new: RouterConfig, arch_cfg) -> 
     layer = MoELayer(arch_cfg, rc_new, moe.layer_idx, impl=moe.experts.impl)
     with torch.no_grad():
         layer.router.weight.copy_(moe.router.weight.index_select(0, kept))
+        if moe.router.expert_bias is not None:  # the selection bias travels with its experts
+            layer.router.expert_bias.copy_(moe.router.expert_bias.index_select(0, kept))
         layer.experts.w_in.copy_(moe.experts.w_in.index_select(0, kept))
         layer.experts.w_out.copy_(moe.experts.w_out.index_select(0, kept))
         if moe.shared is not None:

@@ -19,6 +19,7 @@ from emo_lightning.errors import ConfigError
 RouterKind = Literal["emo", "standard"]
 AttentionBackend = Literal["auto", "sdpa", "flex"]
 PoolScope = Literal["document", "running"]
+Balance = Literal["aux_loss", "bias", "both"]
 
 
 def _fail(name: str, msg: str) -> None:
@@ -121,6 +122,11 @@ class RouterConfig:
     # the weights are the pool softmax, so their sum, and the expert output's scale, depends on the pool size.
     normalize_weights: bool = False
     lb_weight: float = 0.1  # total load-balance weight (each layer gets lb_weight / n_layers)
+    # how the load is balanced: "aux_loss" = the global load-balance loss (the spec); "bias" = auxiliary-loss-free
+    # (DeepSeek-V3): a per-expert bias added to the scores that *choose* experts (never to gate weights), moved
+    # by bias_gamma * sign(mean load - load) after every optimizer step; "both" = the loss and the bias
+    balance: Balance = "aux_loss"
+    bias_gamma: float = 0.001
     z_weight: float = 0.001  # total router z-loss weight (each layer gets z_weight / n_layers)
     seed: int = 0  # seeds pool-size generators and expert initialisation
 
@@ -153,6 +159,10 @@ class RouterConfig:
             _fail(f"{p}.lb_weight", f"must be >= 0, got {self.lb_weight}")
         if self.z_weight < 0:
             _fail(f"{p}.z_weight", f"must be >= 0, got {self.z_weight}")
+        if self.balance not in ("aux_loss", "bias", "both"):
+            _fail(f"{p}.balance", f"must be aux_loss, bias or both, got {self.balance!r}")
+        if self.bias_gamma <= 0:
+            _fail(f"{p}.bias_gamma", f"must be > 0, got {self.bias_gamma}")
         if self.pool_scope not in ("document", "running"):
             _fail(f"{p}.pool_scope", f"must be 'document' or 'running', got {self.pool_scope!r}")
         if self.kind == "emo":
@@ -186,6 +196,11 @@ class RouterConfig:
             er if self.pool_max is None else self.pool_max,
             er if self.pool_eval is None else self.pool_eval,
         )
+
+    @property
+    def uses_bias(self) -> bool:
+        """Whether the routers carry a selection bias (``balance`` bias or both)."""
+        return self.balance != "aux_loss"
 
     @property
     def num_routed(self) -> int:

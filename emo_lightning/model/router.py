@@ -18,6 +18,11 @@ so the number of documents never needs to be known on the host):
 
 With ``pool_scope="running"`` the preference of token t is the sum of q over its document's tokens up to and
 including t (a segmented cumulative sum, (N,E'), ``running_preference``), so every token has its own causal pool.
+
+Auxiliary-loss-free balancing (``balance`` bias or both): a per-expert bias b (E',) enters both *choices* — the
+preference that picks a pool is summed from softmax(z + b), and the top-k' is taken on z + b + pool mask — but
+never the gate weights, which stay the pool softmax s of the unbiased z. ``update_bias`` moves b once per
+optimizer step from the step's global expert counts.
 """
 
 from __future__ import annotations
@@ -147,8 +152,25 @@ class Router(nn.Module):
         self.forced_pool: Tensor | None = None
         self.layer_idx = layer_idx
         self.weight = nn.Parameter(torch.empty(self.num_routed, d_model))  # (E',d)
+        self.bias_gamma = cfg.bias_gamma
+        if cfg.uses_bias:  # a buffer: checkpointed (resume is exact), not trained by the optimizer
+            self.register_buffer("expert_bias", torch.zeros(self.num_routed))  # (E',)
+        else:
+            self.expert_bias: Tensor | None = None
         self.generator = torch.Generator(device="cpu")
         self.reseed(cfg.seed)
+
+    @torch.no_grad()
+    def update_bias(self, counts: Tensor) -> None:
+        """One auxiliary-loss-free step: b += gamma * sign(mean - counts), re-centred to zero mean.
+
+        counts: (E',) token-slot assignments of the whole optimizer step (every micro-batch and data-parallel
+        rank, so every rank computes the same bias)."""
+        if self.expert_bias is None:
+            return
+        counts = counts.to(self.expert_bias.device, torch.float64)
+        self.expert_bias += self.bias_gamma * torch.sign(counts.mean() - counts).to(self.expert_bias.dtype)
+        self.expert_bias -= self.expert_bias.mean()
 
     def reseed(self, seed: int) -> None:
         """Reset the pool-size generator to ``(seed, layer_idx)``."""
@@ -176,6 +198,8 @@ class Router(nn.Module):
         with torch.autocast(device_type=h.device.type, enabled=False):  # router logits stay fp32 under AMP
             logits = F.linear(h.reshape(n, d).float(), self.weight.float())  # (N,E') fp32, unmasked
         z = logits
+        bias = self.expert_bias  # (E',) selection only, or None
+        choose = logits.detach() if bias is None else logits.detach() + bias  # (N,E') scores that choose
         seg = segment_ids(doc_ids)  # (N,)
         sizes, pmax = self._pool_sizes(n, h.device)
         if self.forced_pool is not None:
@@ -185,7 +209,7 @@ class Router(nn.Module):
                 0, seg, forced.sum(-1), "amax", include_self=False
             )  # (N,) pool size per flat segment id
         elif sizes is not None and self.pool_scope == "running":  # (N,E') -inf outside each token's own pool
-            q = z.detach().softmax(-1)  # (N,E')
+            q = choose.softmax(-1)  # (N,E')
             if cache is not None and cache.pref is not None:  # decode step: one token per row
                 pref = cache.pref + q.double()  # (B,E') the same addition as the prefix cumsum
             else:
@@ -200,12 +224,16 @@ class Router(nn.Module):
                 "document pools look ahead: decode with running pools (pool_scope) or full routing"
             )
         elif sizes is not None:
-            z = z + pool_bias(z.detach().softmax(-1), seg, sizes, pmax)  # (N,E') -inf outside the pool
+            z = z + pool_bias(choose.softmax(-1), seg, sizes, pmax)  # (N,E') -inf outside the pool
         s_ = z.softmax(-1)  # (N,E')
         w, idx = s_.topk(self.k, dim=-1)  # (N,k')
         # logsumexp(z_m) = z_e - log s_e for any in-pool e; the top-1 expert is well conditioned (s >= 1/E').
         # Same value and gradient (= s) as torch.logsumexp, without exp() of -inf (slow on CPU).
         lse = logits.gather(1, idx[:, :1]).squeeze(1) - w[:, 0].log()  # (N,)
+        if bias is not None:  # choose on z + b inside the pool; weigh with s (by descending weight)
+            chosen = (z.detach() + bias).topk(self.k, dim=-1).indices  # (N,k')
+            w, order = s_.gather(1, chosen).sort(dim=-1, descending=True)
+            idx = chosen.gather(1, order)
         flat = idx.reshape(-1)
         counts = torch.zeros(e, dtype=torch.long, device=h.device).index_add_(0, flat, torch.ones_like(flat))
         present = torch.zeros(n, dtype=torch.bool, device=h.device).index_fill_(0, seg, True)  # (N,)

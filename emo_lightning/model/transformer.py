@@ -160,6 +160,15 @@ class EMOTransformer(nn.Module):
         for r in self.routers():
             r.eval_pool = pool
 
+    @torch.no_grad()
+    def update_expert_bias(self, counts: Tensor) -> None:
+        """One auxiliary-loss-free balancing step for every router (``router.balance`` bias or both).
+
+        counts: (L,E') token-slot assignments of the whole optimizer step over all ranks (``GlobalLoadBalance``).
+        """
+        for router, layer_counts in zip(self.routers(), counts, strict=True):
+            router.update_bias(layer_counts)
+
     def reseed_routers(self, seed: int) -> None:
         """Reset every router's pool-size generator to (seed, layer) (e.g. fold in the data-parallel rank)."""
         for r in self.routers():
@@ -205,7 +214,8 @@ class EMOTransformer(nn.Module):
         else:
             lb = load_balance(counts, float(b * s), pbar, rc.routed_k)
         z = torch.stack([r.z_loss for r in routes])  # (L,)
-        lb_loss = (rc.lb_weight / n_layers) * lb.sum()
+        lb_weight = 0.0 if rc.balance == "bias" else rc.lb_weight  # "bias": no auxiliary loss (logged only)
+        lb_loss = (lb_weight / n_layers) * lb.sum()
         z_total = (rc.z_weight / n_layers) * z.sum()
         w_lm = self.cfg.arch.lm_head_z_weight
         lm_z = w_lm * z_loss(logits) if w_lm > 0 else logits.new_zeros((), dtype=torch.float32)

@@ -127,3 +127,10 @@ def test_export_command_full_and_subset(tmp_path: Path, capsys) -> None:
     assert (
         config["num_experts"] == 2 and config["num_experts_per_tok"] == 2
     )  # 2 routable kept, top-k' clamped
+
+
+def test_a_selection_bias_is_refused_naming_the_option(tmp_path: Path) -> None:
+    cfg = tiny_config("emo")
+    cfg.router = dataclasses.replace(cfg.router, balance="bias")
+    with pytest.raises(UserError, match=r"router\.balance=bias"):
+        export_hf(EMOTransformer(cfg), TOKENIZER, tmp_path / "hf")

@@ -112,3 +112,18 @@ def test_pruned_checkpoint_round_trip_and_lightning_load(tmp_path: Path) -> None
     lit.eval()
     with torch.no_grad():
         assert torch.equal(lit.model(ids, d).logits, small(ids, d).logits)
+
+
+def test_pruning_carries_the_selection_bias_of_the_kept_experts() -> None:
+    import dataclasses
+
+    from emo_lightning.model import EMOTransformer
+    from tests.experts.conftest import tiny_config
+
+    cfg = tiny_config()
+    cfg.router = dataclasses.replace(cfg.router, balance="both")
+    model = EMOTransformer(cfg).eval()
+    for i, r in enumerate(model.routers()):
+        r.expert_bias.copy_(torch.arange(8.0) * (i + 1))
+    small = prune_model(model, [[1, 4], [0, 7], [2, 3]])
+    assert [r.expert_bias.tolist() for r in small.routers()] == [[1.0, 4.0], [0.0, 14.0], [6.0, 9.0]]
