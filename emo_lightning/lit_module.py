@@ -6,6 +6,7 @@ nothing of file formats or shards.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -32,6 +33,8 @@ from emo_lightning.model import (
 from emo_lightning.optim import OptimConfig, build_optimizer
 
 IGNORE_INDEX = -100
+# Lightning shows its own INFO lines on every rank; the startup line joins them (same handler, same settings).
+startup_log = logging.getLogger("lightning.pytorch.emo_lightning")
 
 # Checkpoints store the typed configs as hyper-parameters; allow them under torch's weights_only loading.
 torch.serialization.add_safe_globals([ArchConfig, RouterConfig, OptimConfig])
@@ -105,11 +108,21 @@ class EMOLitModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Build the transformer (idempotent) and load ``init_from``'s weights. Lightning calls this under the
-        strategy's init context."""
-        if self.model is None:
+        strategy's init context (its device). A strategy with ``build_model(config, init_from)``
+        (``EMODeepSpeedStrategy``) builds the rank's own part (expert parallelism: only its experts). Every rank
+        then logs its startup line (``rank r/W: P parameters (dense D, shared S, routed ...), B MB``)."""
+        if self.model is not None:
+            return
+        build = getattr(self._trainer.strategy, "build_model", None) if self._trainer is not None else None
+        if build is not None:
+            self.model = build(self.config, self.init_from)
+        else:
             self.model = EMOTransformer(self.config)
             if self.init_from and not self.model.lm_head.weight.is_meta:
                 load_weights(self.model, self.init_from)
+        if not self.model.lm_head.weight.is_meta:
+            rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+            startup_log.info(self.model.parameter_summary().line(rank, world))
 
     @property
     def flops_per_batch(self) -> float | None:

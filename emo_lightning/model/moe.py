@@ -207,8 +207,11 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
-        """Router from the global RNG; every expert from its (seed, layer, global expert id) generator."""
+        """Router from the global RNG (selection bias, if any, zero); every expert from its (seed, layer, global
+        expert id) generator. Covers every tensor of the layer: models are built on the meta device."""
         nn.init.trunc_normal_(self.router.weight, std=std, a=-3 * std, b=3 * std)
+        if getattr(self.router, "expert_bias", None) is not None:
+            self.router.expert_bias.zero_()
         self.experts.reset_parameters(std, self.seed, self.layer_idx)
         if self.shared is not None:
             self.shared.reset_parameters(std, self.seed, self.layer_idx)

@@ -1,15 +1,23 @@
-"""Scale-out: DeepSpeed ZeRO-1/2 with expert parallelism (CPU/gloo and GPU), checkpoint consolidation."""
+"""Scale-out: DeepSpeed ZeRO-1/2 with expert parallelism (CPU/gloo and GPU), checkpoint consolidation, cost."""
 
 from emo_lightning.parallel.expert_parallel import (
-    ExpertParallelMoE,
-    convert_to_expert_parallel,
+    AllToAllExchange,
+    DeepSpeedExperts,
+    ExpertPlacement,
+    apply_expert_parallel,
+    build_expert_parallel_model,
+    expert_parallel_rank,
     validate_expert_parallel,
 )
 from emo_lightning.parallel.strategy import EMODeepSpeedStrategy
 
 __all__ = [
+    "AllToAllExchange",
+    "DeepSpeedExperts",
     "EMODeepSpeedStrategy",
-    "ExpertParallelMoE",
-    "convert_to_expert_parallel",
+    "ExpertPlacement",
+    "apply_expert_parallel",
+    "build_expert_parallel_model",
+    "expert_parallel_rank",
     "validate_expert_parallel",
 ]

@@ -7,7 +7,9 @@ slot) and the ZeRO optimizer shards. :func:`consolidate` stacks the per-expert f
 layout (``model.blocks.<l>.moe.experts.w_in (E',d,2h)``) and writes a weights-only checkpoint that
 ``EMOLitModule.load_from_checkpoint``, ``emo validate --ckpt_path`` and the modularity tools load on one process.
 It works for any ``ep_size`` (the files are keyed by global expert id). Optimizer state is not converted: resume
-a run from the directory itself, with the same ``ep_size``.
+a run from the directory itself, with the same ``ep_size``. :func:`load_local_weights` loads such a one-file
+checkpoint into a rank-local expert-parallel model (``emo fit --init_from`` under ``EMODeepSpeedStrategy``),
+reading only the experts the rank holds.
 
 Usage: ``python -m emo_lightning.parallel.checkpoint runs/x/checkpoints/last.ckpt runs/x/consolidated.ckpt``
 """
@@ -21,6 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from emo_lightning.checkpointing import CheckpointMismatchError
+from emo_lightning.model import ArchConfig, RouterConfig
+from emo_lightning.optim import OptimConfig
+
+# our checkpoints' only non-tensor objects: the typed configs (hyper-parameters), allowed under weights_only
+torch.serialization.add_safe_globals([ArchConfig, RouterConfig, OptimConfig])
 
 _EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 _EXPERT_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
@@ -68,11 +78,67 @@ def consolidated_state(path: str | Path) -> dict[str, Any]:
             ids = sorted(by_id)
             if ids != list(range(len(ids))):
                 raise ValueError(f"{prefix}: expert files for {name} are incomplete (ids {ids})")
-            state_dict[f"{prefix}.experts.{name}"] = torch.stack([by_id[i] for i in ids])
+            state_dict[f"{_stack_prefix(prefix)}.{name}"] = torch.stack([by_id[i] for i in ids])
     ckpt: dict[str, Any] = {k: states[k] for k in _KEEP if k in states}
     ckpt.update({k: v for k, v in states.items() if k not in _DEEPSPEED_KEYS and k not in ckpt})  # datamodule
     ckpt["state_dict"] = state_dict
     return ckpt
+
+
+def _stack_prefix(prefix: str) -> str:
+    """One-process key prefix of the expert stacks of the DeepSpeed module at ``prefix``: the adapter sits at
+    ``<layer>.experts`` (older checkpoints: the whole layer at ``<layer>``, experts at ``<layer>.experts``)."""
+    return prefix if prefix.endswith(".experts") else f"{prefix}.experts"
+
+
+def _expert_param(name: str) -> tuple[str, str] | None:
+    """``(one-process stack key, param)`` of a rank-local expert parameter name, else None."""
+    head, sep, tail = name.partition(".deepspeed_moe.experts.")
+    return (f"{_stack_prefix(head)}.{tail}", tail) if sep else None
+
+
+@torch.no_grad()
+def load_local_weights(model: nn.Module, path: str | Path, prefix: str = "model.") -> None:
+    """Load a one-file checkpoint's weights (``state_dict`` keys ``prefix`` + one-process names) into ``model``,
+    a rank-local expert-parallel transformer, reading only what the rank holds.
+
+    The file is memory-mapped: dense tensors are copied whole, of every expert stack ``(E',...)`` only the slice
+    of this rank's experts (global ids ``local.expert_offset ..``) is read. Missing keys, unexpected keys and
+    shape mismatches raise ``CheckpointMismatchError`` naming them, before anything is copied.
+    """
+    from emo_lightning.parallel.expert_parallel import DeepSpeedExperts
+
+    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    source = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    offsets = {
+        f"{name}.deepspeed_moe.experts.": m.local.expert_offset
+        for name, m in model.named_modules()
+        if isinstance(m, DeepSpeedExperts)
+    }
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    problems, used = [], set()
+    for name, param in model.named_parameters():
+        expert = _expert_param(name)
+        key = expert[0] if expert else name
+        src = source.get(key)
+        if src is None:
+            problems.append(f"missing in checkpoint: {key}")
+            continue
+        used.add(key)
+        if expert:
+            first = next(v for k, v in offsets.items() if name.startswith(k))
+            src = src[first : first + param.shape[0]]  # a view of the mapped file: only these pages are read
+        if src.shape != param.shape:
+            problems.append(f"{key}: checkpoint {tuple(src.shape)} vs model {tuple(param.shape)}")
+        pairs.append((param, src))
+    problems += [f"not in model: {k}" for k in source if k not in used]
+    if problems:
+        raise CheckpointMismatchError(
+            f"{path}: the checkpoint does not fit this model ({'; '.join(problems[:8])})",
+            "pass a checkpoint of this architecture (consolidate a DeepSpeed checkpoint folder first)",
+        )
+    for param, src in pairs:
+        param.copy_(src)
 
 
 def consolidate(path: str | Path, out: str | Path) -> Path:

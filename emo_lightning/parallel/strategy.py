@@ -5,11 +5,13 @@ What it adds to ``lightning.pytorch.strategies.DeepSpeedStrategy``:
 * CPU support (so the distributed path is tested for real): on a CPU accelerator it skips Lightning's CUDA
   check in ``setup_environment`` and the GPU-index validation in ``setup_distributed`` and reports
   ``torch.device("cpu", local_rank)`` as root device; DeepSpeed then picks its CPU accelerator and gloo.
-* Expert parallelism: validates ``ep_size`` before any engine exists (it must divide the data-parallel world and
+* Expert parallelism: validates ``ep_size`` before any weight exists (it must divide the data-parallel world and
   ``router.num_experts``), creates DeepSpeed's expert-parallel / expert-data-parallel groups
-  (``deepspeed.utils.groups``), and swaps every ``MoELayer`` for an
-  :class:`~emo_lightning.parallel.expert_parallel.ExpertParallelMoE` holding this rank's experts. The optimizer
-  groups are split into DeepSpeed's MoE groups by ``emo_lightning.optim.build_optimizer``.
+  (``deepspeed.utils.groups``) and builds the rank's model (:meth:`EMODeepSpeedStrategy.build_model`, called by
+  ``EMOLitModule.configure_model``): on the meta device, placed, then materialised with only this rank's
+  experts (:func:`~emo_lightning.parallel.expert_parallel.build_expert_parallel_model`); ``init_from`` reads
+  only the local experts of a one-file checkpoint. The optimizer groups are split into DeepSpeed's MoE groups by
+  ``emo_lightning.optim.build_optimizer``.
 * Global load balance: the module's ``GlobalLoadBalance.group`` is DeepSpeed's data-parallel group (every
   rank: together they see every token of the global batch). Expert-parallel groups would be wrong: a rank's
   EP group sees only its slice of the data-parallel world, so counts summed there miss the other EP groups'
@@ -31,9 +33,13 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from torchmetrics import Metric
 
 from emo_lightning.errors import ConfigError
+from emo_lightning.model import EMOTransformer, ModelConfig
+from emo_lightning.parallel.checkpoint import load_local_weights
 from emo_lightning.parallel.expert_parallel import (
     Exchange,
-    convert_to_expert_parallel,
+    apply_expert_parallel,
+    build_expert_parallel_model,
+    expert_parallel_rank,
     validate_expert_parallel,
 )
 
@@ -116,12 +122,24 @@ class EMODeepSpeedStrategy(DeepSpeedStrategy):
             size = getattr(self.lightning_module.trainer.datamodule, "batch_size", None)
         self.config["train_micro_batch_size_per_gpu"] = int(size or 1)
 
-    def validate_placement(self) -> None:
+    def validate_placement(self, config: ModelConfig | None = None) -> None:
         """ep_size against the world and the model's experts (raises ``ConfigError`` naming the key)."""
-        router = getattr(getattr(self.lightning_module, "config", None), "router", None)
+        config = config if config is not None else getattr(self.lightning_module, "config", None)
+        router = getattr(config, "router", None)
         if router is None:
             raise ValueError("EMODeepSpeedStrategy needs an EMOLitModule (model.config.router)")
         validate_expert_parallel(self.ep_size, self.world_size, router.num_experts, router.num_shared)
+
+    def build_model(self, config: ModelConfig, init_from: str | None = None) -> EMOTransformer:
+        """This rank's transformer: placement checked first, then built on the meta device, placed and
+        materialised on the current default device (Lightning's root device) with only this rank's experts;
+        ``init_from`` (a one-file checkpoint) is read for the local experts only. Collective (groups)."""
+        self.validate_placement(config)
+        ep_rank = expert_parallel_rank(self.ep_size)
+        model = build_expert_parallel_model(config, self.ep_size, self.exchange, ep_rank=ep_rank)
+        if init_from:
+            load_local_weights(model, init_from)
+        return model
 
     def model_sharded_context(self):  # type: ignore[override]
         self.validate_placement()  # before the model is built: fail fast, on every rank alike
@@ -132,7 +150,9 @@ class EMODeepSpeedStrategy(DeepSpeedStrategy):
         self.validate_placement()
         self._set_micro_batch()
         module = self.lightning_module
-        convert_to_expert_parallel(module.model, self.ep_size, self.exchange)
+        # normally placed already (build_model); a model built elsewhere (e.g. load_from_checkpoint) is placed
+        # now, its other ranks' experts dropped
+        apply_expert_parallel(module.model, self.ep_size, None, self.exchange)
         from deepspeed.utils import groups
 
         if hasattr(module, "balance"):

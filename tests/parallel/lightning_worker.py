@@ -1,8 +1,9 @@
-"""``python lightning_worker.py OUT TRAIN VAL --max-steps N [--ckpt PATH] [--ep-size E]``.
+"""``python lightning_worker.py OUT TRAIN VAL --max-steps N [--ckpt PATH] [--devices W] [--ep-size E]``.
 
-Trains the tiny EMO model with ``EMODeepSpeedStrategy`` (ZeRO-2) on 2 CPU processes; Lightning starts the second
-process itself (subprocess launcher re-running this command). Every rank writes ``OUT/rank<r>.json`` with its
-per-step training loss; after ``fit`` both ranks validate on the whole validation set (rank/world overridden to
+Trains the tiny EMO model with ``EMODeepSpeedStrategy`` (ZeRO-2) on W CPU processes (default 4, ep 2: two
+expert-data-parallel replicas); Lightning starts the other processes itself (subprocess launcher re-running this
+command). Every rank writes ``OUT/rank<r>.json`` with its
+per-step training loss; after ``fit`` every rank validates on the whole validation set (rank/world overridden to
 0/1 so the numbers are comparable to one process) and rank 0 records ``val/ce``. Checkpoints go to ``OUT/ckpt``
 (one DeepSpeed directory per step).
 """
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=5)
     p.add_argument("--ckpt", default=None)
     p.add_argument("--ep-size", type=int, default=2)
+    p.add_argument("--devices", type=int, default=4)
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -70,7 +72,7 @@ def main() -> None:
     module, rec = tiny_module(), LossRecorder()
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=2,
+        devices=args.devices,
         strategy=EMODeepSpeedStrategy(ep_size=args.ep_size, stage=2),
         max_steps=args.max_steps,
         gradient_clip_val=1.0,
@@ -91,7 +93,7 @@ def main() -> None:
     )
     trainer.fit(module, datamodule=data(args.train, None), ckpt_path=args.ckpt)
     result = {"losses": rec.losses}
-    # both ranks validate the same (whole) validation set: comparable with a one-process run
+    # every rank validates the same (whole) validation set: comparable with a one-process run
     metrics = trainer.validate(
         module, datamodule=data(args.train, args.val, rank=0, world_size=1), verbose=False
     )

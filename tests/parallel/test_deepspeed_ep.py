@@ -1,27 +1,36 @@
-"""DeepSpeed ZeRO-2 + expert parallelism on 2 real CPU processes (gloo); no mocks of distributed behaviour.
+"""DeepSpeed ZeRO-2 + expert parallelism on 2 and 4 real CPU processes (gloo); no mocks of distributed behaviour.
 
-Launches: one ``torchrun`` run of ``ep_equivalence_worker.py`` and three Lightning runs of ``lightning_worker.py``
-(Lightning starts the second process itself). TORCH_EXTENSIONS_DIR caches DeepSpeed's JIT comm op.
+Launches ``ep_equivalence_worker.py`` under ``torchrun`` (4 processes ep 2; 2 processes ep 1), ``memory_worker.py``
+(2 processes, ~1.2 GB of routed experts) and Lightning runs of ``lightning_worker.py`` (4 processes ep 2;
+Lightning starts the other processes itself). TORCH_EXTENSIONS_DIR caches DeepSpeed's JIT comm op.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
+from emo_lightning.model import EMOTransformer, param_counts
 from emo_lightning.parallel import EMODeepSpeedStrategy, validate_expert_parallel
 from emo_lightning.parallel.checkpoint import consolidate
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 pytestmark = pytest.mark.distributed
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+WORLD = 4  # the Lightning runs: 4 processes, ep_size 2
+STARTUP = re.compile(
+    r"rank (\d)/4: ([\d,]+) parameters \(dense ([\d,]+), shared ([\d,]+), routed ([\d,]+): (\d) of 7 experts"
+)
 
 
 def _env() -> dict[str, str]:
@@ -59,49 +68,118 @@ def _result(out: Path, rank: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_shards: dict[str, Path]) -> dict[str, Path]:
-    """5 steps straight (checkpoint every step), then a resume from step 3 to step 5 in another folder."""
+    """4 processes, ep 2: 4 steps straight (checkpoint every step), then a resume from step 2 in another folder."""
     root = tmp_path_factory.mktemp("ds_ep")
     straight, resumed = root / "straight", root / "resumed"
-    _worker(straight, tiny_shards, "--max-steps", "5")
-    _worker(resumed, tiny_shards, "--max-steps", "5", "--ckpt", str(straight / "ckpt" / "s3.ckpt"))
+    proc = _worker(straight, tiny_shards, "--max-steps", "4")
+    (root / "straight.log").write_text(proc.stdout + proc.stderr)
+    _worker(resumed, tiny_shards, "--max-steps", "4", "--ckpt", str(straight / "ckpt" / "s2.ckpt"))
     return {"straight": straight, "resumed": resumed, "root": root}
 
 
-def test_ep2_matches_one_process_loss_grads_and_zero2_step(tmp_path: Path) -> None:
-    """ep_size=2 over 2 ranks == 1 process on the same global batch (EMO router, both exchange modes): loss,
-    reduced gradients, and the weights after one ZeRO-2 step of DeepSpeed's engine."""
+# ------------------------------------------------------------------ equivalence with one process (torchrun)
+def _equivalence(tmp_path: Path, world: int, ep_size: int) -> dict:
     out = tmp_path / "eq.json"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    _run([*torchrun, str(HERE / "ep_equivalence_worker.py"), str(out)])
-    report = json.loads(out.read_text())
-    for exchange in ("variable", "padded"):
-        assert report[f"{exchange}/loss"] < 1e-5, report
-        assert report[f"{exchange}/grad"] < 1e-6, report
-        assert report[f"{exchange}/zero2_step_weights"] < 1e-5, report
+    _run([*TORCHRUN, str(world), str(HERE / "ep_equivalence_worker.py"), str(out), str(ep_size)])
+    return json.loads(out.read_text())
 
 
-def test_zero2_ep2_trains_with_finite_decreasing_loss(runs: dict[str, Path]) -> None:
+def _check_equivalence(report: dict, modes: tuple[str, ...]) -> None:
+    assert report["construction/weights"] == 0.0, report  # bit-identical to the one-process build
+    assert report["construction/counts_ok"] == 1.0, report
+    assert report["usage"] < 1e-5, report
+    for mode in modes:
+        for step in (0, 1):
+            key = f"{mode}/step{step}"
+            assert report[f"{key}/loss"] < 1e-5, report
+            assert report[f"{key}/grad"] < 1e-6, report
+            assert report[f"{key}/grad_norm"] < 1e-5, report
+            assert report[f"{key}/weights"] < 5e-5, report
+
+
+def test_ep2_on_4_processes_matches_one_process(tmp_path: Path) -> None:
+    """4 processes, ep_size 2 (two expert-data-parallel replicas), ZeRO-2, EMO router, both exchange modes:
+    rank-local construction gives the one-process weights; the synced expert-usage metric, the loss, DeepSpeed's
+    reduced gradients and gradient norm, and the weights after two clipped AdamW steps equal one process on the
+    same global batch."""
+    report = _equivalence(tmp_path, 4, 2)
+    _check_equivalence(report, ("variable", "padded"))
+    assert report["construction/line"].startswith("rank 0/4: ")
+    assert "4 of 7 experts per layer" in report["construction/line"]
+
+
+def test_ep1_on_2_processes_matches_one_process(tmp_path: Path) -> None:
+    """2 processes, ep_size 1 (experts replicated, reduced over the expert-data-parallel group = the world)."""
+    report = _equivalence(tmp_path, 2, 1)
+    _check_equivalence(report, ("variable",))
+    assert "7 of 7 experts per layer" in report["construction/line"]
+
+
+def test_rank_local_construction_holds_only_its_experts(tmp_path: Path) -> None:
+    """ep 2 on 2 processes with ~1.2 GB of routed experts: each rank's resident memory grows by what it holds,
+    about half of the model, also at its peak during construction; loading a one-file checkpoint (memory-mapped)
+    reads only the local experts."""
+    sys.path.insert(0, str(HERE))
+    from memory_worker import CFG
+
+    counts = param_counts(CFG)
+    full_bytes, routed_bytes = 4 * counts.total, 4 * counts.routed_experts
+    assert routed_bytes >= 1e9
+    with torch.device("meta"):
+        full = EMOTransformer(CFG)
+    # a one-file checkpoint of the whole model; torch.empty's pages are never touched: no resident copy here
+    state = {f"model.{k}": torch.empty(v.shape) for k, v in full.state_dict().items()}
+    ckpt = tmp_path / "consolidated.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": {"arch": asdict(CFG.arch)}}, ckpt)
+    del state
+    _run([*TORCHRUN, "2", str(HERE / "memory_worker.py"), str(tmp_path), str(ckpt)])
     for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["finite"], r
+        local = r["model_bytes"]
+        assert 0.4 * full_bytes < local < 0.6 * full_bytes, (local, full_bytes)
+        for key in ("construction_growth", "construction_peak_growth", "load_peak_growth"):
+            # what the rank holds plus allocator slack (init temporaries): about half, never the whole model
+            assert 0.8 * local < r[key] < 0.75 * full_bytes, (key, r, full_bytes)
+
+
+# ------------------------------------------------------------------ Lightning, 4 processes, ep 2
+def test_zero2_ep2_trains_with_finite_decreasing_loss(runs: dict[str, Path]) -> None:
+    for rank in range(WORLD):
         losses = [
             v for _, v in sorted((int(k), v) for k, v in _result(runs["straight"], rank)["losses"].items())
         ]
-        assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
+        assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
         assert losses[-1] < losses[0] - 0.1, losses
-    ckpt = runs["straight"] / "ckpt" / "s5.ckpt" / "checkpoint"
-    assert (
-        len(list(ckpt.glob("layer_*_expert_*_model_states.pt"))) == 2 * 8
-    )  # one file per (layer, expert slot)
+    ckpt = runs["straight"] / "ckpt" / "s4.ckpt" / "checkpoint"
+    files = list(ckpt.glob("layer_*_expert_*_model_states.pt"))
+    assert len(files) == 2 * 8  # one file per (layer, expert slot), written by expert-data-parallel rank 0
+
+
+def test_every_rank_logs_its_placement(runs: dict[str, Path]) -> None:
+    """``rank r/4: P parameters (dense D, shared S, routed R: X of 7 experts per layer), B MB`` once per rank;
+    P = D + S + R, R = X experts of 2 layers; EP ranks 0 hold experts 0-3, EP ranks 1 experts 4-6 + the shared
+    slot."""
+    lines = {int(m[1]): m for m in STARTUP.finditer((runs["root"] / "straight.log").read_text())}
+    assert sorted(lines) == [0, 1, 2, 3], lines
+    one_expert = 3 * 32 * 32
+    for rank, m in lines.items():
+        total, dense, shared, routed = (int(m[i].replace(",", "")) for i in range(2, 6))
+        held = int(m[6])
+        assert held == (4 if rank % 2 == 0 else 3)
+        assert total == dense + shared + routed and routed == 2 * held * one_expert
+        assert shared == 2 * one_expert
 
 
 def test_resume_continues_exactly(runs: dict[str, Path]) -> None:
-    """Resume at step 3 (same ep_size): same losses at steps 4-5 and the same final weights on every rank."""
-    for rank in (0, 1):
+    """Resume at step 2 (same ep_size): same losses at steps 3-4 on every rank and the same final weights."""
+    for rank in range(WORLD):
         a, b = _result(runs["straight"], rank)["losses"], _result(runs["resumed"], rank)["losses"]
-        assert sorted(b) == ["4", "5"]
-        for step in ("4", "5"):
+        assert sorted(b) == ["3", "4"]
+        for step in ("3", "4"):
             assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6)
-    ref = consolidate(runs["straight"] / "ckpt" / "s5.ckpt", runs["root"] / "a.ckpt")
-    got = consolidate(runs["resumed"] / "ckpt" / "s5.ckpt", runs["root"] / "b.ckpt")
+    ref = consolidate(runs["straight"] / "ckpt" / "s4.ckpt", runs["root"] / "a.ckpt")
+    got = consolidate(runs["resumed"] / "ckpt" / "s4.ckpt", runs["root"] / "b.ckpt")
     ref_sd = torch.load(ref, weights_only=False)["state_dict"]
     got_sd = torch.load(got, weights_only=False)["state_dict"]
     assert ref_sd.keys() == got_sd.keys()
@@ -112,13 +190,13 @@ def test_resume_continues_exactly(runs: dict[str, Path]) -> None:
 
 def test_consolidated_checkpoint_validates_in_one_process(runs: dict[str, Path], tiny_shards) -> None:
     """The consolidated export loads with EMOLitModule.load_from_checkpoint and gives the validation loss that
-    the 2-process expert-parallel model gave on the same data."""
+    the 4-process expert-parallel model gave on the same data."""
     sys.path.insert(0, str(HERE))
     from lightning_worker import data
 
     from emo_lightning.lit_module import EMOLitModule
 
-    path = consolidate(runs["straight"] / "ckpt" / "s5.ckpt", runs["root"] / "single.ckpt")
+    path = consolidate(runs["straight"] / "ckpt" / "s4.ckpt", runs["root"] / "single.ckpt")
     module = EMOLitModule.load_from_checkpoint(path)
     assert module.model.blocks[0].moe.experts.w_in.shape[0] == 7  # all routable experts in one process
     trainer = L.Trainer(
@@ -129,10 +207,14 @@ def test_consolidated_checkpoint_validates_in_one_process(runs: dict[str, Path],
     assert val == pytest.approx(_result(runs["straight"])["val_ce"], rel=1e-5)
 
 
-def test_bad_ep_size_fails_before_training(tmp_path: Path, tiny_shards) -> None:
-    proc = _worker(tmp_path / "bad", tiny_shards, "--ep-size", "4", "--max-steps", "2", check=False)
+def test_bad_ep_size_fails_before_building(tmp_path: Path, tiny_shards) -> None:
+    """ep_size 4 on 2 processes: refused on every rank before any weight exists (no startup line)."""
+    proc = _worker(
+        tmp_path / "bad", tiny_shards, "--devices", "2", "--ep-size", "4", "--max-steps", "2", check=False
+    )
     assert proc.returncode != 0
     assert "trainer.strategy.init_args.ep_size=4 must divide the data-parallel world size 2" in proc.stderr
+    assert " parameters (dense " not in proc.stdout + proc.stderr  # nothing was built
     assert not (tmp_path / "bad" / "ckpt").exists()  # nothing trained, nothing saved
 
 
