@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from emo_lightning.metrics import ExpertUsage
 from emo_lightning.metrics.expert_usage import segment_domains
 from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterConfig
-
-HERE = Path(__file__).resolve().parent
+from tests.gloo import run_gloo
+from tests.metrics import expert_usage_dist_worker
 
 
 def fixed_update() -> dict[str, torch.Tensor]:
@@ -119,12 +115,6 @@ def test_model_routes_feed_the_metric(kind: str) -> None:
         assert (res["pool_size"] >= 2).all() and (res["pool_size"] <= 5).all()
 
 
-def _worker_module():
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))  # spawned children inherit sys.path, so they can import it too
-    return importlib.import_module("expert_usage_dist_worker")
-
-
 @pytest.mark.distributed
 def test_counts_reduced_over_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
@@ -146,22 +136,7 @@ def test_counts_reduced_over_two_gloo_processes_equal_one_process(tmp_path: Path
                 "z": torch.rand(3, generator=g),
             }
         )
-    payload = tmp_path / "payload.pt"
-    torch.save({"shape": shape, "updates": updates}, payload)
-    out_path = tmp_path / "out.pt"
-    ctx = mp.spawn(
-        _worker_module().run,
-        args=(2, str(tmp_path / "init"), str(payload), str(out_path)),
-        nprocs=2,
-        join=False,
-    )
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("gloo workers did not finish in 120 s")
-    dp = torch.load(out_path, weights_only=False)
+    dp = run_gloo(expert_usage_dist_worker.run, {"shape": shape, "updates": updates}, tmp_path)
 
     single = ExpertUsage(*shape)
     for update in updates:

@@ -1,6 +1,8 @@
-"""Worker of the 2-process gloo test of the global load balance (imported by test_losses.py)."""
+"""One rank of the 2-process gloo test of the global load balance (``run_gloo`` in test_losses.py)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,33 +22,20 @@ def step(
     return loss.detach(), out
 
 
-def run(rank: int, world: int, init_file: str, payload_path: str, out_path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        payload = torch.load(payload_path, weights_only=False)
-        cfg: ModelConfig = payload["cfg"]
-        model = EMOTransformer(cfg)
-        model.load_state_dict(payload["state"])
-        rows = payload["batch"]["input_ids"].shape[0] // world
-        local = {k: v[rank * rows : (rank + 1) * rows] for k, v in payload["batch"].items()}
-        balance = GlobalLoadBalance.for_model(cfg)  # group None = world
-        loss, out = step(model, local, balance)
-        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
-        lb = torch.stack([layer.lb for layer in out.layers])
-        packed = torch.cat([grads, loss.view(1), lb])
-        dist.all_reduce(packed)  # as DDP: average gradients (and losses, LB values)
-        packed /= world
-        if rank == 0:
-            torch.save(
-                {
-                    "grads": packed[: grads.numel()],
-                    "loss": packed[grads.numel()],
-                    "lb": packed[grads.numel() + 1 :],
-                    "counts": balance.counts,
-                    "tokens": balance.tokens,
-                },
-                out_path,
-            )
-    finally:
-        dist.destroy_process_group()
+def run(rank: int, world: int, payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """This rank's rows of the batch with a world-wide balance; gradients, loss and LB averaged as DDP does."""
+    cfg: ModelConfig = payload["cfg"]
+    model = EMOTransformer(cfg)
+    model.load_state_dict(payload["state"])
+    rows = payload["batch"]["input_ids"].shape[0] // world
+    local = {k: v[rank * rows : (rank + 1) * rows] for k, v in payload["batch"].items()}
+    balance = GlobalLoadBalance.for_model(cfg)  # group None = world
+    loss, out = step(model, local, balance)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    lb = torch.stack([layer.lb for layer in out.layers])
+    packed = torch.cat([grads, loss.view(1), lb])
+    dist.all_reduce(packed)  # as DDP: average gradients (and losses, LB values)
+    packed /= world
+    n = grads.numel()
+    return {"grads": packed[:n], "loss": packed[n], "lb": packed[n + 1 :], "counts": balance.counts,
+            "tokens": balance.tokens}  # fmt: skip

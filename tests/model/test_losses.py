@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from emo_lightning.model import (
     ArchConfig,
@@ -20,8 +16,8 @@ from emo_lightning.model import (
     load_balance,
     z_loss,
 )
-
-HERE = Path(__file__).resolve().parent
+from tests.gloo import run_gloo
+from tests.model import dist_worker
 
 
 def tiny_config(**router) -> ModelConfig:
@@ -103,19 +99,12 @@ def test_micro_batch_accumulation_matches_one_big_batch() -> None:
 
 
 def _single_process_reference(cfg: ModelConfig, state: dict, batch: dict, balance: bool):
-    worker = _worker_module()
     model = EMOTransformer(cfg)
     model.load_state_dict(state)
     gb = GlobalLoadBalance.for_model(cfg) if balance else None
-    loss, out = worker.step(model, batch, gb)
+    loss, out = dist_worker.step(model, batch, gb)
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     return loss, grads, out
-
-
-def _worker_module():
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))  # spawned children inherit sys.path, so they can import it too
-    return importlib.import_module("dist_worker")
 
 
 @pytest.mark.distributed
@@ -124,23 +113,7 @@ def test_counts_reduced_over_two_gloo_processes_match_one_process(tmp_path: Path
     torch.manual_seed(0)
     model = EMOTransformer(cfg)
     batch = make_batch(4, 20, seed=1)
-    payload = tmp_path / "payload.pt"
-    torch.save({"cfg": cfg, "state": model.state_dict(), "batch": batch}, payload)
-    out_path = tmp_path / "out.pt"
-    worker = _worker_module()
-    ctx = mp.spawn(
-        worker.run,
-        args=(2, str(tmp_path / "init"), str(payload), str(out_path)),
-        nprocs=2,
-        join=False,
-    )
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("gloo workers did not finish in 120 s")
-    dp = torch.load(out_path)
+    dp = run_gloo(dist_worker.run, {"cfg": cfg, "state": model.state_dict(), "batch": batch}, tmp_path)
     loss, grads, out = _single_process_reference(cfg, model.state_dict(), batch, balance=True)
     assert torch.equal(dp["counts"], torch.stack([layer.counts for layer in out.layers]).double())
     assert dp["tokens"].item() == 80
