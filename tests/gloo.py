@@ -21,9 +21,8 @@ def run_gloo(worker: Worker, payload: Any, tmp_path: Path, world: int = 2, timeo
     """``worker(rank, world, payload)`` in ``world`` spawned processes of one gloo group (one thread each);
     returns what rank 0 returned. ``worker`` must be a module-level function of a module the spawned processes
     can import (e.g. ``tests.model.dist_worker``); ``payload`` and the result travel through ``torch.save``."""
-    if (
-        str(ROOT) not in sys.path
-    ):  # spawned processes get this sys.path: they import ``tests.*`` from the clone
+    # spawned processes start with this process's sys.path: the clone's root lets them import ``tests.*``
+    if str(ROOT) not in sys.path:
         sys.path.append(str(ROOT))
     payload_path, out_path = tmp_path / "gloo_payload.pt", tmp_path / "gloo_result.pt"
     torch.save(payload, payload_path)

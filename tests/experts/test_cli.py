@@ -259,9 +259,8 @@ def test_report_reuses_cached_measurements_until_the_checkpoint_changes(tmp_path
     cache["part"]["domains"]["math"]["full_loss"] = 123.456
     (out / "part_emo.json").write_text(json.dumps(cache))
     reused = _report(out, jsonl, *argv)["models"]["emo"]
-    assert (
-        reused["summary"]["0.25"]["shots_1"] == 0.4242 and reused["domains"]["math"]["full_loss"] == 123.456
-    )
+    assert reused["summary"]["0.25"]["shots_1"] == 0.4242
+    assert reused["domains"]["math"]["full_loss"] == 123.456
     md = (out / "report.md").read_text()
     assert "+42.42%" in md and "| math | 123.4560 |" in md
     stat = emo.stat()
