@@ -277,13 +277,18 @@ def build_cli(args: list[str] | None = None) -> EMOCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run ``emo {fit,validate,test,predict}`` (LightningCLI) or ``emo generate`` (user errors: one line, exit 2)."""
+    """Run ``emo {fit,validate,test,predict}`` (LightningCLI), ``emo generate`` or ``emo estimate`` (user errors:
+    one line, exit 2)."""
 
     def run(argv: list[str]) -> None:
         if argv and argv[0] == "generate":
             from emo_lightning.generate import main as generate
 
             generate(argv[1:])
+        elif argv and argv[0] == "estimate":
+            from emo_lightning.estimate import main as estimate
+
+            estimate(argv[1:])
         elif args is None:  # LightningCLI reads the command line itself: hand it the one without --debug
             sys.argv[1:] = argv
             build_cli(None)

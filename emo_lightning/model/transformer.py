@@ -86,7 +86,7 @@ class ParameterSummary:
         return (
             f"rank {rank}/{world}: {self.total:,} parameters (dense {self.dense:,}, shared {self.shared:,}, "
             f"routed {self.routed:,}: {self.local_experts} of {self.routable_experts} experts per layer), "
-            f"{self.bytes / 2**20:,.1f} MB"
+            f"{self.bytes / 1e6:,.1f} MB"
         )
 
 
