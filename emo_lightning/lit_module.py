@@ -250,6 +250,21 @@ class EMOLitModule(L.LightningModule):
             )
 
     # -------------------------------------------------------------- optimizer
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Auxiliary-loss-free balancing (``router.balance`` bias or both): move every router's bias from the
+        expert counts of the whole optimizer step (all micro-batches and ranks), once per step and before the
+        weights change, so a checkpoint of step t holds step t's bias (resume is exact). A step skipped by
+        ``NonFiniteGuard`` leaves the bias alone."""
+        if not self.config.router.uses_bias or self.balance.counts is None or self.skip_lr_scheduler_step:
+            return
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)  # DeepSpeed steps every micro-batch
+        if engine is not None and not engine.is_gradient_accumulation_boundary():
+            return
+        self.model.update_expert_bias(self.balance.counts)
+        spread = torch.stack([r.expert_bias.max() - r.expert_bias.min() for r in self.model.routers()])  # (L,)
+        self.log_dict({f"usage/bias_spread/layer{i}": v for i, v in enumerate(spread)}, on_step=True)
+        self.log("usage/bias_spread", spread.mean(), on_step=True)
+
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         """Step the schedule, except after an optimizer step skipped by ``NonFiniteGuard``."""
         if self.skip_lr_scheduler_step:

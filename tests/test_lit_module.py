@@ -141,3 +141,54 @@ def test_validation_logs_per_domain_loss_and_perplexity(tiny_shards) -> None:
     weighted = sum(metrics[f"val/{n}/loss"] * tokens[n] for n in logged) / sum(tokens[n] for n in logged)
     assert metrics["val/ce"] == pytest.approx(weighted, rel=1e-5)
     assert math.log(metrics["val/ppl"]) == pytest.approx(metrics["val/ce"], abs=1e-5)
+
+
+def bias_fit(tmp: Path, shards, max_steps: int, ckpt_path: str | None = None, spy=None) -> EMOLitModule:
+    """A tiny run balanced by the selection bias only (``router.balance: bias``), 3 micro-batches per step."""
+    L.seed_everything(0)
+    module = tiny_lit_module(balance="bias", bias_gamma=0.01)
+    if spy is not None:
+        module.configure_model()
+        forward = module.model.forward
+
+        def recording(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            spy.append(torch.stack([layer.counts for layer in out.layers]))  # (L,E') this micro-batch
+            return out
+
+        module.model.forward = recording
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0, accumulate_grad_batches=3,
+        callbacks=[ModelCheckpoint(dirpath=tmp, save_last=True, every_n_train_steps=1, save_top_k=0)],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=tiny_data(shards), ckpt_path=ckpt_path)
+    return module
+
+
+def test_the_bias_steps_once_per_optimizer_step_from_all_micro_batches(tmp_path: Path, tiny_shards) -> None:
+    """After 2 optimizer steps of 3 micro-batches, each router's bias is gamma * sign(mean - counts) of step 1's
+    summed counts plus the same of step 2's, re-centred: once per step, from every micro-batch."""
+    seen: list[torch.Tensor] = []
+    module = bias_fit(tmp_path, tiny_shards, 2, spy=seen)
+    assert len(seen) == 6
+    expected = torch.zeros_like(seen[0], dtype=torch.float64)  # (L,E')
+    for step in range(2):
+        counts = sum(seen[3 * step : 3 * step + 3]).double()  # the whole step
+        expected += 0.01 * torch.sign(counts.mean(-1, keepdim=True) - counts)
+        expected -= expected.mean(-1, keepdim=True)
+    got = torch.stack([r.expert_bias for r in module.model.routers()]).double()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert got.abs().sum() > 0
+
+
+def test_resume_with_the_bias_is_exact(tmp_path: Path, tiny_shards) -> None:
+    straight = bias_fit(tmp_path / "a", tiny_shards, 4)
+    bias_fit(tmp_path / "b", tiny_shards, 2)
+    resumed = bias_fit(tmp_path / "b", tiny_shards, 4, ckpt_path="last")
+    ref, got = straight.state_dict(), resumed.state_dict()
+    assert any("expert_bias" in k for k in ref)
+    for name, tensor in ref.items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert straight.model.routers()[0].expert_bias.abs().sum() > 0

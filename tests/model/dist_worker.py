@@ -37,5 +37,9 @@ def run(rank: int, world: int, payload: dict[str, Any]) -> dict[str, torch.Tenso
     dist.all_reduce(packed)  # as DDP: average gradients (and losses, LB values)
     packed /= world
     n = grads.numel()
+    model.update_expert_bias(
+        balance.counts
+    )  # auxiliary-loss-free step from the world's counts (if configured)
+    bias = [r.expert_bias for r in model.routers() if r.expert_bias is not None]
     return {"grads": packed[:n], "loss": packed[n], "lb": packed[n + 1 :], "counts": balance.counts,
-            "tokens": balance.tokens}  # fmt: skip
+            "tokens": balance.tokens, "bias": torch.stack(bias) if bias else None}  # fmt: skip

@@ -109,13 +109,18 @@ def _single_process_reference(cfg: ModelConfig, state: dict, batch: dict, balanc
 
 @pytest.mark.distributed
 def test_counts_reduced_over_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
-    cfg = tiny_config(lb_weight=1.0, z_weight=0.01)
+    # "both": the auxiliary loss, and the selection bias stepped from the same global counts
+    cfg = tiny_config(lb_weight=1.0, z_weight=0.01, balance="both", bias_gamma=0.01)
     torch.manual_seed(0)
     model = EMOTransformer(cfg)
     batch = make_batch(4, 20, seed=1)
     dp = run_gloo(dist_worker.run, {"cfg": cfg, "state": model.state_dict(), "batch": batch}, tmp_path)
     loss, grads, out = _single_process_reference(cfg, model.state_dict(), batch, balance=True)
     assert torch.equal(dp["counts"], torch.stack([layer.counts for layer in out.layers]).double())
+    whole = EMOTransformer(cfg)
+    whole.update_expert_bias(torch.stack([layer.counts for layer in out.layers]))
+    assert torch.equal(dp["bias"], torch.stack([r.expert_bias for r in whole.routers()]))
+    assert dp["bias"].abs().sum() > 0  # the step moved the bias
     assert dp["tokens"].item() == 80
     torch.testing.assert_close(
         dp["lb"], torch.stack([layer.lb for layer in out.layers]), atol=1e-6, rtol=1e-5
