@@ -65,6 +65,19 @@ class Block(nn.Module):
         return x + y, r
 
 
+_INIT_CHUNK = 1 << 24  # elements per trunc_normal_ call
+
+
+@torch.no_grad()
+def _trunc_normal_chunked(weight: Tensor, std: float) -> None:
+    """``trunc_normal_`` (+-3 std, global RNG) over consecutive chunks of the flattened weight: torch's rejection
+    sampler allocates several weight-sized temporaries, which for the 100k-row embedding and LM head of 1b14b
+    (0.8 GB each in fp32) would be a multi-GB peak during construction."""
+    flat = weight.view(-1)
+    for start in range(0, flat.numel(), _INIT_CHUNK):
+        nn.init.trunc_normal_(flat[start : start + _INIT_CHUNK], std=std, a=-3 * std, b=3 * std)
+
+
 @dataclass(frozen=True)
 class ParameterSummary:
     """Parameters a (rank-local) model holds: ``dense`` (everything but experts), ``shared`` experts, ``routed``
@@ -129,7 +142,7 @@ class EMOTransformer(nn.Module):
             elif isinstance(m, Rotary):
                 m.reset_parameters()
             elif isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(m.weight, std=std, a=-3 * std, b=3 * std)
+                _trunc_normal_chunked(m.weight, std)
             elif isinstance(m, MoELayer):
                 m.reset_parameters(std)
 
