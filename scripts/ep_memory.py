@@ -121,7 +121,9 @@ def main() -> None:
         print("estimate (GB): " + ", ".join(f"{k} {v / GB:.2f}" for k, v in est.memory.items()))
         print(f"  total {est.total_memory / GB:.2f}")
         if args.out:
-            Path(args.out).write_text(json.dumps({"measured": stages, "estimate": est.to_dict()}, default=str))
+            Path(args.out).write_text(
+                json.dumps({"measured": stages, "estimate": est.to_dict()}, default=str)
+            )
     dist.barrier()
     dist.destroy_process_group()
 
