@@ -261,7 +261,8 @@ class EMOLitModule(L.LightningModule):
         if engine is not None and not engine.is_gradient_accumulation_boundary():
             return
         self.model.update_expert_bias(self.balance.counts)
-        spread = torch.stack([r.expert_bias.max() - r.expert_bias.min() for r in self.model.routers()])  # (L,)
+        # (L,) max - min of each layer's bias
+        spread = torch.stack([r.expert_bias.max() - r.expert_bias.min() for r in self.model.routers()])
         self.log_dict({f"usage/bias_spread/layer{i}": v for i, v in enumerate(spread)}, on_step=True)
         self.log("usage/bias_spread", spread.mean(), on_step=True)
 
