@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -19,20 +20,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from emo_lightning.data import ShardDataModule
-from emo_lightning.lit_module import EMOLitModule
-from emo_lightning.model import ArchConfig, RouterConfig
-from emo_lightning.optim import OptimConfig
 from emo_lightning.parallel import EMODeepSpeedStrategy
 
-
-def tiny_module() -> EMOLitModule:
-    return EMOLitModule(
-        arch=ArchConfig(vocab_size=4096, d_model=32, n_layers=2, n_heads=2, expert_hidden=32, max_seq_len=64),
-        router=RouterConfig(
-            kind="emo", num_experts=8, num_shared=1, top_k=3, pool_min=2, pool_max=7, pool_eval=3
-        ),
-        optim=OptimConfig(lr=1e-2, warmup_steps=1),
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repository root
+from tests.factories import tiny_lit_module
 
 
 def data(train: str | None, val: str | None, **kw: int) -> ShardDataModule:
@@ -69,7 +60,7 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(args.out)
     L.seed_everything(0)
-    module, rec = tiny_module(), LossRecorder()
+    module, rec = tiny_lit_module(lr=1e-2, warmup_steps=1), LossRecorder()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
