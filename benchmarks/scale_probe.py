@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import machine
 from emo_lightning.errors import ArgumentParser, UserError, run_cli
 from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterConfig, flops_per_token
 from emo_lightning.optim import OptimConfig
@@ -232,8 +233,6 @@ def check_tokenizer(tokenizer: Path, manifest: Any) -> None:
     """The evaluation tokenizer must be the one the shards were built with."""
     from data_tools.tokenizer import file_sha256
 
-    if not tokenizer.is_file():
-        raise UserError(f"--tokenizer {tokenizer}: no such file", "pass the tokenizer.json of the shards")
     want = (manifest.tokenizer or {}).get("sha256")
     if want and file_sha256(tokenizer) != want:
         raise UserError(
@@ -1029,10 +1028,16 @@ def main(argv: list[str]) -> int:
         attention=args.attention,
         seed=args.seed,
     )
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    for kind in MODELS:  # a bad override fails before any data work
+        router_config(sz, kind, recipe)
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(machine()["cpu"])
     clock.say(f"gpu-scale-probe on {device_name} ({'dry run' if args.dry else 'full run'})")
 
     # data: training shards (built from the corpus when absent) and the val documents
+    if not args.tokenizer.is_file():
+        raise UserError(
+            f"--tokenizer {args.tokenizer}: no such file", "pass the tokenizer.json of the shards"
+        )
     corpus = args.corpus or default_corpus(args.dry)
     shards, built = resolve_shards(args, corpus, args.work_dir, clock)
     from data_tools.manifest import Manifest

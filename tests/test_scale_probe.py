@@ -1,0 +1,190 @@
+"""``make gpu-scale-probe`` in its CPU dry mode, on a node without the optional packages (so that it cannot rot)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import normalized_mutual_info_score
+
+from benchmarks.scale_probe import (
+    DRY,
+    FULL,
+    PROG,
+    Recipe,
+    cluster_torch,
+    document_losses_on,
+    nmi_score,
+    plan_steps,
+    router_config,
+    router_features_on,
+)
+from data_tools.errors import run_cli
+from emo_lightning.experts.clustering import cluster_tokens, router_features
+from emo_lightning.experts.documents import Document, pack_documents
+from emo_lightning.experts.evaluate import document_losses
+from emo_lightning.experts.routing import Routing
+from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterConfig
+from tests.conftest import cut_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+# what an air-gapped GPU node may lack (webdataset and braceexpand are brought as wheels: the probe needs them)
+BLOCKED = ("deepspeed", "jsonargparse", "omegaconf", "sklearn")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/ and val/ JSON Lines cut from the bundled corpus (four domains), as a device node gets them."""
+    root = tmp_path_factory.mktemp("scale_probe_corpus")
+    for split, chars in (("train", 120_000), ("val", 40_000)):
+        (root / split).mkdir()
+        cut_corpus(split, root / split / f"{split}.jsonl", chars)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dry_run(
+    corpus: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[subprocess.CompletedProcess, Path]:
+    tmp = tmp_path_factory.mktemp("scale_probe")
+    args = ["--dry", "--corpus", str(corpus), "--work-dir", str(tmp / "work"), "--out", str(tmp / "out")]
+    code = (
+        "import sys\n"
+        f"sys.modules.update(dict.fromkeys({BLOCKED!r}))\n"
+        "from benchmarks.scale_probe import main\n"
+        f"sys.exit(main({args!r}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return proc, tmp / "out"
+
+
+def test_dry_run_trains_evaluates_and_writes_results(
+    dry_run: tuple[subprocess.CompletedProcess, Path],
+) -> None:
+    proc, out = dry_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "scale_probe-latest.json").read_text())
+    assert report["dry"] and report["complete"] and report["device"] == "cpu"
+    assert report["deepspeed_imported"] is False
+    assert report["data"]["built_now"]  # no shards: built from the corpus, as on a bare device node
+    assert report["data"]["domains"] == ["code", "literature", "math", "science"]
+    assert len(list(out.glob("scale_probe-cpu-*.json"))) == 1 and (out / "scale_probe-latest.md").is_file()
+    steps = report["plan"]["steps"]
+    assert steps == DRY.tokens // DRY.tokens_per_step and not report["plan"]["cut"]
+    for kind in ("standard", "emo"):
+        tr = report["training"][kind]
+        assert (
+            tr["steps"] == steps and tr["tokens"] == steps * DRY.tokens_per_step and not tr["stopped_early"]
+        )
+        m = report["models"][kind]
+        assert m["router"]["kind"] == kind and m["router"]["num_experts"] == DRY.num_experts
+        assert np.isfinite(m["full"]["loss"]) and m["full"]["tokens"] > 0
+        assert set(m["keep"]) == {"0.25", "0.125"}
+        assert m["keep"]["0.25"]["experts"] == 2 and len(m["keep"]["0.25"]["domains"]) == 4
+        assert m["clustering"]["method"].startswith("torch")  # scikit-learn blocked, as on the node
+        assert 0.0 <= m["clustering"]["nmi"] <= 1.0
+    assert report["models"]["emo"]["router"]["pool_scope"] == "running"
+    assert set(report["models"]["emo"]["routing"]) == {"full", "running:2", "running:4"}
+    assert set(report["models"]["standard"]["routing"]) == {"full"}
+    s = report["summary"]
+    assert s["gap_full"] == pytest.approx(s["loss_emo"] / s["loss_standard"] - 1)
+    assert s["best_pooled_routing"] in ("running:2", "running:4")
+    assert "| val loss, all experts (whole val split) |" in proc.stdout
+    assert "| val loss, all experts" in (out / "scale_probe-latest.md").read_text()
+
+
+def test_user_errors_are_one_line(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cases = [
+        (["--dry", "--corpus", str(tmp_path / "nowhere")], "--corpus"),
+        (["--dry", "--router-emo", "pool_minn=3"], "did you mean pool_min?"),
+        (["--dry", "--router-emo", "pool_min=1"], "router.pool_min"),
+        (["--dry", "--lr-emo", "-1"], "--lr-emo"),
+        (["--dry", "--corpus", str(corpus), "--tokenizer", str(tmp_path / "tok.json")], "--tokenizer"),
+    ]
+    monkeypatch.setattr("benchmarks.scale_probe.REPO", tmp_path)  # no bundled shards to fall back on
+    for argv, needle in cases:
+        with pytest.raises(SystemExit) as exc:
+            from benchmarks.scale_probe import main
+
+            common = ["--tokenizer", str(ROOT / "data" / "tokenizer.json"), "--work-dir", str(tmp_path / "w")]
+            run_cli(PROG, main, [*common, *argv, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2, err
+        assert err.startswith(f"{PROG}: ") and "\n" not in err and needle in err, err
+
+
+def test_router_overrides_are_typed() -> None:
+    recipe = Recipe(overrides={"standard": {}, "emo": {"pool_min": "16", "normalize_weights": "true"}})
+    rc = router_config(FULL, "emo", recipe)
+    assert (rc.pool_min, rc.normalize_weights, rc.pool_scope, rc.num_shared, rc.top_k) == (
+        16,
+        True,
+        "running",
+        0,
+        8,
+    )
+    std = router_config(FULL, "standard", Recipe(balance="bias", bias_gamma=0.002))
+    assert (std.kind, std.balance, std.bias_gamma, std.pool_scope) == ("standard", "bias", 0.002, "document")
+
+
+def test_plan_steps_fits_the_budget() -> None:
+    target = FULL.tokens // FULL.tokens_per_step + 1  # 50M tokens / 65,536 per step, rounded up
+    assert plan_steps(FULL, {"standard": 0.05, "emo": 0.06}, 300.0) == (target, target, False)
+    steps, _, cut = plan_steps(FULL, {"standard": 0.2, "emo": 0.3}, 300.0)
+    assert cut and steps * 0.5 * 1.15 <= 300.0 - 30.0
+
+
+def test_nmi_matches_scikit_learn() -> None:
+    rng = np.random.default_rng(0)
+    for n, a, b in ((500, 4, 7), (50, 2, 2), (300, 8, 32)):
+        x, y = rng.integers(0, a, n), rng.integers(0, b, n)
+        assert nmi_score(x, y) == pytest.approx(normalized_mutual_info_score(x, y), abs=1e-12)
+        assert nmi_score(x, x) == pytest.approx(1.0)
+    assert (
+        nmi_score(np.zeros(5), np.zeros(5)) == normalized_mutual_info_score(np.zeros(5), np.zeros(5)) == 1.0
+    )
+    assert nmi_score(np.arange(4) % 2, np.zeros(4)) == normalized_mutual_info_score(
+        np.arange(4) % 2, np.zeros(4)
+    )
+
+
+def test_torch_clustering_agrees_with_the_toolkit() -> None:
+    """Four well-separated groups of router-like features: both methods recover the labels."""
+    rng = np.random.default_rng(1)
+    centres = rng.dirichlet(np.ones(16), size=4) * 4
+    labels = np.repeat(np.array(["a", "b", "c", "d"]), 300)
+    feats = (centres[np.repeat(np.arange(4), 300)] + rng.normal(0, 0.02, (1200, 16))).astype(np.float32)
+    ours = cluster_torch(feats, labels, k=4, max_tokens=1000, seed=0, dev=torch.device("cpu"))
+    ref = cluster_tokens(feats, labels, 4, max_tokens=1000, seed=0)
+    assert ours["tokens"] == ref["tokens"] == 1000 and ours["pca_dims"] == ref["pca_dims"]
+    assert ours["nmi"] == pytest.approx(ref["nmi"], abs=1e-6) and ours["nmi"] > 0.99
+    assert ours["purity"] == pytest.approx(ref["purity"])
+
+
+def test_device_evaluation_matches_the_toolkit_on_cpu() -> None:
+    """The probe's device-side loss and feature loops give the toolkit's CPU results."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        arch=ArchConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, expert_hidden=8, max_seq_len=32),
+        router=RouterConfig(num_experts=8, num_shared=0, top_k=2, pool_scope="running"),
+    )
+    model = EMOTransformer(cfg).eval()
+    gen = np.random.default_rng(0)
+    docs = [Document(str(i), "ab"[i % 2], gen.integers(2, 64, gen.integers(3, 40))) for i in range(12)]
+    batches = pack_documents(docs, 32, 3, pad_id=1)
+    for routing in (Routing(), Routing("running", 3)):
+        ours, counts = document_losses_on(model, len(docs), batches, routing)
+        ref = document_losses(model, docs, batches, routing, pad_id=1)
+        assert torch.allclose(ours.loss_sum, ref.loss_sum) and torch.equal(ours.tokens, ref.tokens)
+        assert counts.shape == (2, 8) and counts.sum() > 0
+    feats, index = router_features_on(model, batches)
+    ref_feats, ref_index, _ = router_features(model, batches)
+    np.testing.assert_allclose(feats, ref_feats)
+    np.testing.assert_array_equal(index, ref_index)
