@@ -93,7 +93,7 @@ class ProbeSizes:
     num_workers: int = 4  # DataLoader workers
     shuffle_buffer: int = 2000
     log_every: int = 25  # steps between progress lines and loss-curve points
-    eval_batch: int = 32  # rows per evaluation batch
+    eval_batch: int = 64  # rows per evaluation batch (= batch_size: the compiled attention keeps its shape)
     val_docs_per_domain: int | None = None  # whole-split evaluation: None = every val document
     n_calib: int = 8  # calibration documents per domain (8-shot selection)
     n_eval: int = 50  # evaluation documents per domain for the keep rises and clustering
@@ -102,7 +102,7 @@ class ProbeSizes:
     clusters: int = 32
     cluster_tokens: int = 40_000
     budget_s: float = 450.0  # wall-clock budget of the whole probe (data, calibration, training, evaluation)
-    eval_reserve_s: float = 120.0  # of it, kept for the evaluation when planning the training steps
+    eval_reserve_s: float = 150.0  # of it, kept for the evaluation when planning the training steps
 
     @property
     def tokens_per_step(self) -> int:
@@ -720,9 +720,107 @@ def cpu_copy(model: EMOTransformer) -> EMOTransformer:
     return cpu.eval()
 
 
-def evaluate_model(
-    kind: str,
+def eval_full(model: EMOTransformer, val_docs: list[Any], sz: ProbeSizes, pad: int) -> dict[str, Any]:
+    """Loss on the whole val split with all experts (per domain; load imbalance and dead experts from the expert
+    counts) and, for EMO, under leak-free pooled routing ``running:P``."""
+    from emo_lightning.experts.documents import pack_documents
+    from emo_lightning.experts.evaluate import domain_table
+    from emo_lightning.experts.routing import FULL, Routing
+    from emo_lightning.metrics import routing_stats as rs
+
+    rc = model.cfg.router
+    val = pack_documents(val_docs, sz.seq_len, sz.eval_batch, pad)
+    dl, counts = document_losses_on(model, len(val_docs), val, FULL)
+    table = domain_table(val_docs, dl)
+    res: dict[str, Any] = {
+        "full": {"loss": table["all"]["loss"], "tokens": table["all"]["tokens"], "domains": table},
+        "load": {
+            "imbalance": float(rs.load_imbalance(counts).mean()),
+            "dead_fraction": float(rs.dead_fraction(counts).mean()),
+        },
+        "routing": {"full": table["all"]["loss"]},
+    }
+    if rc.kind == "emo":  # the standard router has no pools
+        for p in sz.running_pools:
+            if rc.routed_k <= p <= rc.num_routed:
+                r = Routing("running", p)
+                res["routing"][str(r)] = mean_loss(model, val_docs, val, r)
+    return res
+
+
+def pack_tight(docs: Sequence[Any], seq_len: int, pad: int) -> list[Any]:
+    """One batch of just enough rows for ``docs`` (the selection runs on the CPU: no padding rows)."""
+    from emo_lightning.experts.documents import pack_documents
+
+    rows = max(1, math.ceil(sum(len(d.tokens) for d in docs) / seq_len))
+    return pack_documents(docs, seq_len, rows, pad)
+
+
+def eval_keep(
     model: EMOTransformer,
+    calib: dict[str, list[Any]],
+    evals: dict[str, list[Any]],
+    sz: ProbeSizes,
+    pad: int,
+) -> dict[str, Any]:
+    """Per keep fraction: experts chosen layer-wise from the calibration documents of each domain (the toolkit's
+    ``layerwise_subset`` on a CPU copy), the model cut to them (``prune_model``) and evaluated on the domain's
+    evaluation documents; rise = loss / full-model loss on the same documents - 1, and its mean over domains."""
+    from emo_lightning.experts.documents import pack_documents
+    from emo_lightning.experts.prune import prune_model
+    from emo_lightning.experts.routing import FULL
+    from emo_lightning.experts.selection import layerwise_subset, parse_keep
+
+    dev = next(model.parameters()).device
+    rc = model.cfg.router
+    cpu = cpu_copy(model)
+    keeps: dict[str, Any] = {label: {"experts": parse_keep(label, rc), "domains": {}} for label in sz.keep}
+    for domain, docs in evals.items():
+        ev = pack_documents(docs, sz.seq_len, sz.eval_batch, pad)
+        full = mean_loss(model, docs, ev, FULL)
+        cb = pack_tight(calib[domain], sz.seq_len, pad)
+        for entry in keeps.values():
+            subset = layerwise_subset(cpu, cb, entry["experts"])
+            pruned = prune_model(cpu, subset.layers).to(dev).eval()
+            loss = mean_loss(pruned, docs, ev, FULL)
+            del pruned
+            entry["domains"][domain] = {
+                "full": full,
+                "loss": loss,
+                "rise": loss / full - 1,
+                "layers": subset.layers,
+            }
+    for entry in keeps.values():
+        entry["rise"] = float(np.mean([d["rise"] for d in entry["domains"].values()]))
+    return keeps
+
+
+def eval_clustering(
+    model: EMOTransformer, evals: dict[str, list[Any]], sz: ProbeSizes, pad: int, seed: int
+) -> dict[str, Any]:
+    """Router clustering of the evaluation documents' tokens against their domains (NMI, purity)."""
+    from emo_lightning.experts.documents import pack_documents
+
+    all_eval = [d for group in evals.values() for d in group]
+    feats, index = router_features_on(model, pack_documents(all_eval, sz.seq_len, sz.eval_batch, pad))
+    labels = np.asarray([all_eval[i].domain for i in index])
+    return cluster(feats, labels, sz, seed, next(model.parameters()).device)
+
+
+def failure(err: BaseException) -> str:
+    """``Type: message at path:line`` of the deepest frame in this repository."""
+    where = "outside the repository"
+    for fr in reversed(traceback.extract_tb(err.__traceback__)):
+        path = Path(fr.filename).resolve()
+        if REPO in path.parents and ".venv" not in path.parts:
+            where = f"{path.relative_to(REPO)}:{fr.lineno}"
+            break
+    msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    return f"{type(err).__name__}: {msg} at {where}"
+
+
+def evaluate(
+    trained: dict[str, Trained],
     val_docs: list[Any],
     calib: dict[str, list[Any]],
     evals: dict[str, list[Any]],
@@ -730,90 +828,72 @@ def evaluate_model(
     pad: int,
     seed: int,
     clock: Clock,
-) -> dict[str, Any]:
-    """Every measurement of one model (see the module docstring)."""
-    from emo_lightning.experts.documents import pack_documents
-    from emo_lightning.experts.evaluate import domain_table
-    from emo_lightning.experts.prune import prune_model
-    from emo_lightning.experts.routing import FULL, Routing
-    from emo_lightning.experts.selection import layerwise_subset, parse_keep
-    from emo_lightning.metrics import routing_stats as rs
-
-    dev = next(model.parameters()).device
-    rc = model.cfg.router
-    t0 = time.perf_counter()
-    res: dict[str, Any] = {"router": asdict(rc), "arch": asdict(model.cfg.arch)}
-    val = pack_documents(val_docs, sz.seq_len, sz.eval_batch, pad)
-    dl, counts = document_losses_on(model, len(val_docs), val, FULL)
-    table = domain_table(val_docs, dl)
-    res["full"] = {"loss": table["all"]["loss"], "tokens": table["all"]["tokens"], "domains": table}
-    res["load"] = {
-        "imbalance": float(rs.load_imbalance(counts).mean()),
-        "dead_fraction": float(rs.dead_fraction(counts).mean()),
+    report: dict[str, Any],
+    out: Path,
+) -> None:
+    """Each stage for both models before the next (the full-model gap first), each guarded: a failing stage is
+    recorded in ``report["errors"]`` and the others still run; the results are written after every stage."""
+    stages = {
+        "full": lambda m: eval_full(m, val_docs, sz, pad),
+        "keep": lambda m: {"keep": eval_keep(m, calib, evals, sz, pad)},
+        "clustering": lambda m: {"clustering": eval_clustering(m, evals, sz, pad, seed)},
     }
-    res["routing"] = {"full": table["all"]["loss"]}
-    if rc.kind == "emo":
-        for p in sz.running_pools:
-            if p < rc.routed_k or p > rc.num_routed:
+    for stage, fn in stages.items():
+        for kind in MODELS:
+            t0 = time.perf_counter()
+            part = report["models"].setdefault(kind, {"router": asdict(trained[kind].model.cfg.router)})
+            try:
+                part.update(fn(trained[kind].model))
+            except Exception as err:  # recorded, the other stages still run
+                report["errors"][f"{kind} {stage}"] = failure(err)
+                clock.say(f"{kind} {stage}: FAILED {failure(err)}")
+                traceback.print_exc()
                 continue
-            r = Routing("running", p)
-            res["routing"][str(r)] = mean_loss(model, val_docs, val, r)
-    clock.say(
-        f"{kind}: val loss {res['full']['loss']:.4f} over {res['full']['tokens']:,} targets; routings "
-        + ", ".join(f"{k} {v:.4f}" for k, v in res["routing"].items())
-    )
-    cpu = cpu_copy(model)
-    keeps: dict[str, Any] = {}
-    for label in sz.keep:
-        keeps[label] = {"experts": parse_keep(label, rc), "domains": {}}
-    for domain, docs in evals.items():
-        ev = pack_documents(docs, sz.seq_len, sz.eval_batch, pad)
-        full = mean_loss(model, docs, ev, FULL)
-        cb = pack_documents(calib[domain], sz.seq_len, sz.eval_batch, pad)
-        for entry in keeps.values():
-            subset = layerwise_subset(cpu, cb, entry["experts"])
-            pruned = prune_model(cpu, subset.layers).to(dev).eval()
-            loss = mean_loss(pruned, docs, ev, FULL)
-            entry["domains"][domain] = {
-                "full": full,
-                "loss": loss,
-                "rise": loss / full - 1,
-                "layers": subset.layers,
-            }
-            del pruned
-    for entry in keeps.values():
-        entry["rise"] = float(np.mean([d["rise"] for d in entry["domains"].values()]))
-    res["keep"] = keeps
-    clock.say(
-        f"{kind}: keep "
-        + ", ".join(f"{k} ({v['experts']}/{rc.num_experts}) {v['rise']:+.2%}" for k, v in keeps.items())
-    )
-    del cpu
-    all_eval = [d for group in evals.values() for d in group]
-    feats, index = router_features_on(model, pack_documents(all_eval, sz.seq_len, sz.eval_batch, pad))
-    labels = np.asarray([all_eval[i].domain for i in index])
-    res["clustering"] = cluster(feats, labels, sz, seed, dev)
-    clock.say(f"{kind}: router clustering NMI {res['clustering']['nmi']:.3f} ({res['clustering']['method']})")
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    return res
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            part.setdefault("seconds", {})[stage] = round(time.perf_counter() - t0, 1)
+            clock.say(f"{kind}: {describe(part, stage)} ({time.perf_counter() - t0:.0f} s)")
+        report["summary"] = summarise(report["models"])
+        report["elapsed_s"] = round(clock(), 1)
+        write(out, report)
+
+
+def describe(part: dict[str, Any], stage: str) -> str:
+    """One progress line of a finished stage."""
+    if stage == "full":
+        routes = ", ".join(f"{k} {v:.4f}" for k, v in part["routing"].items())
+        return f"val loss {part['full']['loss']:.4f} over {part['full']['tokens']:,} targets ({routes})"
+    if stage == "keep":
+        e = part["router"]["num_experts"]
+        return "keep " + ", ".join(
+            f"{k} ({v['experts']}/{e}) {v['rise']:+.2%}" for k, v in part["keep"].items()
+        )
+    c = part["clustering"]
+    return f"router clustering NMI {c['nmi']:.3f} ({c['method']})"
 
 
 # ------------------------------------------------------------------------------------------------ report
 def summarise(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Gaps and rises of EMO vs the standard MoE from the per-model results."""
-    std, emo = models["standard"], models["emo"]
-    pooled = {k: v for k, v in emo["routing"].items() if k != "full"}
-    best = min(pooled, key=pooled.get) if pooled else None
-    out: dict[str, Any] = {
-        "loss_standard": std["full"]["loss"],
-        "loss_emo": emo["full"]["loss"],
-        "gap_full": emo["full"]["loss"] / std["full"]["loss"] - 1,
-        "best_pooled_routing": best,
-        "loss_emo_pooled": pooled[best] if best else None,
-        "gap_pooled": pooled[best] / std["full"]["loss"] - 1 if best else None,
-        "keep": {k: {m: models[m]["keep"][k]["rise"] for m in MODELS} for k in emo["keep"]},
-        "nmi": {m: models[m]["clustering"]["nmi"] for m in MODELS},
-    }
+    """Gaps and rises of EMO vs the standard MoE from what the per-model results hold so far."""
+    std, emo = models.get("standard", {}), models.get("emo", {})
+    out: dict[str, Any] = {}
+    if "full" in std and "full" in emo:
+        base = std["full"]["loss"]
+        pooled = {k: v for k, v in emo["routing"].items() if k != "full"}
+        best = min(pooled, key=pooled.get) if pooled else None
+        out.update(
+            loss_standard=base,
+            loss_emo=emo["full"]["loss"],
+            gap_full=emo["full"]["loss"] / base - 1,
+            best_pooled_routing=best,
+            loss_emo_pooled=pooled[best] if best else None,
+            gap_pooled=pooled[best] / base - 1 if best else None,
+        )
+    if "keep" in std and "keep" in emo:
+        out["keep"] = {k: {m: models[m]["keep"][k]["rise"] for m in MODELS} for k in emo["keep"]}
+    if "clustering" in std and "clustering" in emo:
+        out["nmi"] = {m: models[m]["clustering"]["nmi"] for m in MODELS}
     return out
 
 
@@ -822,56 +902,51 @@ def _pct(x: float | None, digits: int = 2) -> str:
 
 
 def table(report: dict[str, Any]) -> str:
-    """The summary table (Markdown)."""
-    m, s, tr = report["models"], report.get("summary"), report["training"]
+    """The summary table (Markdown): what has been measured so far."""
+    m, s, tr = report["models"], report.get("summary") or {}, report["training"]
     lines = ["| | standard MoE | EMO | EMO vs standard | CPU study |", "|---|---|---|---|---|"]
-    if s:
+    if "gap_full" in s:
         lines.append(
             f"| val loss, all experts (whole val split) | {s['loss_standard']:.4f} | {s['loss_emo']:.4f} | "
             f"**{_pct(s['gap_full'])}** | {CPU_STUDY['gap_full']} |"
         )
         if s["best_pooled_routing"]:
             lines.append(
-                f"| EMO, best leak-free pooled routing (`{s['best_pooled_routing']}`) | | {s['loss_emo_pooled']:.4f} | "
-                f"**{_pct(s['gap_pooled'])}** | {CPU_STUDY['gap_pooled']} |"
+                f"| EMO, best leak-free pooled routing (`{s['best_pooled_routing']}`) | | "
+                f"{s['loss_emo_pooled']:.4f} | **{_pct(s['gap_pooled'])}** | {CPU_STUDY['gap_pooled']} |"
             )
-        for k, v in s["keep"].items():
-            n = m["emo"]["keep"][k]["experts"]
-            e = m["emo"]["router"]["num_experts"]
-            ref = CPU_STUDY.get(f"keep_{k}", "")
-            lines.append(
-                f"| keep {float(k):.1%} ({n}/{e}), 8-shot: mean loss rise | {_pct(v['standard'])} | {_pct(v['emo'])} | | {ref} |"
-            )
+    for k, v in s.get("keep", {}).items():
+        n, e = m["emo"]["keep"][k]["experts"], m["emo"]["router"]["num_experts"]
         lines.append(
-            f"| router clustering NMI | {s['nmi']['standard']:.3f} | {s['nmi']['emo']:.3f} | | {CPU_STUDY['nmi']} |"
+            f"| keep {float(k):.1%} ({n}/{e}), 8-shot: mean loss rise | {_pct(v['standard'])} | {_pct(v['emo'])} "
+            f"| | {CPU_STUDY.get(f'keep_{k}', '')} |"
         )
+    if "nmi" in s:
+        nmi = s["nmi"]
         lines.append(
-            "| val load imbalance (max/mean), dead experts | "
-            + " | ".join(
-                f"{m[k]['load']['imbalance']:.2f}, {m[k]['load']['dead_fraction']:.1%}" for k in MODELS
-            )
-            + " | | |"
+            f"| router clustering NMI | {nmi['standard']:.3f} | {nmi['emo']:.3f} | | {CPU_STUDY['nmi']} |"
         )
-    lines.append(
-        "| trained tokens (steps) | "
-        + " | ".join(f"{tr[k]['tokens']:,} ({tr[k]['steps']})" for k in MODELS)
-        + f" | | {CPU_STUDY['tokens']:,} |"
-    )
-    lines.append(
-        "| tokens/s, MFU (dense bf16 peak) | "
-        + " | ".join(
-            f"{tr[k]['tokens_per_s'] / 1e6:.2f}M, "
-            + ("n/a" if tr[k]["mfu"] is None else f"{tr[k]['mfu']:.1%}")
-            for k in MODELS
+    if all("load" in m.get(k, {}) for k in MODELS):
+        cells = " | ".join(
+            f"{m[k]['load']['imbalance']:.2f}, {m[k]['load']['dead_fraction']:.1%}" for k in MODELS
         )
-        + " | | |"
+        lines.append(f"| val load imbalance (max/mean), dead experts | {cells} | | |")
+    cells = " | ".join(f"{tr[k]['tokens']:,} ({tr[k]['steps']})" for k in MODELS)
+    lines.append(f"| trained tokens (steps) | {cells} | | {CPU_STUDY['tokens']:,} |")
+    cells = " | ".join(
+        f"{tr[k]['tokens_per_s'] / 1e6:.2f}M, " + ("n/a" if tr[k]["mfu"] is None else f"{tr[k]['mfu']:.1%}")
+        for k in MODELS
     )
+    lines.append(f"| training tokens/s, MFU (dense bf16 peak) | {cells} | | |")
     lines.append("| final train CE | " + " | ".join(f"{tr[k]['final_train_ce']}" for k in MODELS) + " | | |")
     return "\n".join(lines)
 
 
 def routing_table(report: dict[str, Any]) -> str:
+    """EMO's routings and the per-domain full-model losses (empty before the full-model stage)."""
     m = report["models"]
+    if not all("full" in m.get(k, {}) for k in MODELS):
+        return ""
     std = m["standard"]["full"]["loss"]
     lines = ["| EMO routing | val loss | vs standard (all experts) |", "|---|---|---|"]
     for k, v in m["emo"]["routing"].items():
@@ -891,7 +966,11 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Device: {report['device_name']}; torch {report['packages'].get('torch')}, lightning "
         f"{report['packages'].get('lightning')}; {report['elapsed_s']:.0f} s"
-        + ("" if report["complete"] else "; **incomplete** (training done, evaluation pending or failed)")
+        + (
+            ""
+            if report["complete"]
+            else "; **incomplete** (evaluation pending or failed: see errors in the JSON)"
+        )
         + ".",
         "",
         f"Models: d {sz['d_model']}, {sz['n_layers']} layers, {sz['n_heads']} heads, {sz['num_experts']} experts of "
@@ -913,13 +992,14 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         table(report),
     ]
-    if report.get("summary"):
+    if routing_table(report):
         head += [
             "",
             "The best pooled routing is picked on the same val split it is reported on (a mild selection).",
             "",
             routing_table(report),
         ]
+    head += ["", *(f"FAILED {name}: {err}" for name, err in report["errors"].items())]
     return "\n".join(head) + "\n"
 
 
@@ -1112,18 +1192,15 @@ def main(argv: list[str]) -> int:
         "flops_per_token": flops_per_token(cfgs["emo"], sz.seq_len),
         "training": {k: t.info() for k, t in trained.items()},
         "models": {},
+        "errors": {},
         "complete": False,
         "elapsed_s": round(clock(), 1),
     }
     write(args.out, report)
 
     # evaluation
-    for kind in MODELS:
-        report["models"][kind] = evaluate_model(
-            kind, trained[kind].model, val_docs, calib, evals, sz, pad, args.seed, clock
-        )
-    report["summary"] = summarise(report["models"])
-    report["complete"] = True
+    evaluate(trained, val_docs, calib, evals, sz, pad, args.seed, clock, report, args.out)
+    report["complete"] = not report["errors"]
     report["deepspeed_imported"] = deepspeed_loaded()
     report["elapsed_s"] = round(clock(), 1)
     paths = write(args.out, report)
@@ -1131,8 +1208,12 @@ def main(argv: list[str]) -> int:
     print(table(report))
     print()
     print(routing_table(report))
-    print(f"\ndone in {report['elapsed_s']:.0f} s; wrote {paths[0]}, {paths[1]}")
-    return 0
+    for name, err in report["errors"].items():
+        print(f"FAILED {name}: {err}")
+    print(
+        f"\n{len(report['errors'])} failed stage(s) in {report['elapsed_s']:.0f} s; wrote {paths[0]}, {paths[1]}"
+    )
+    return 1 if report["errors"] else 0
 
 
 if __name__ == "__main__":

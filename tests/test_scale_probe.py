@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,12 @@ from benchmarks.scale_probe import (
     DRY,
     FULL,
     PROG,
+    Clock,
     Recipe,
+    Trained,
     cluster_torch,
     document_losses_on,
+    evaluate,
     nmi_score,
     plan_steps,
     router_config,
@@ -69,7 +73,7 @@ def test_dry_run_trains_evaluates_and_writes_results(
     proc, out = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "scale_probe-latest.json").read_text())
-    assert report["dry"] and report["complete"] and report["device"] == "cpu"
+    assert report["dry"] and report["complete"] and report["device"] == "cpu" and report["errors"] == {}
     assert report["deepspeed_imported"] is False
     assert report["data"]["built_now"]  # no shards: built from the corpus, as on a bare device node
     assert report["data"]["domains"] == ["code", "literature", "math", "science"]
@@ -188,3 +192,37 @@ def test_device_evaluation_matches_the_toolkit_on_cpu() -> None:
     ref_feats, ref_index, _ = router_features(model, batches)
     np.testing.assert_allclose(feats, ref_feats)
     np.testing.assert_array_equal(index, ref_index)
+
+
+def test_a_failing_stage_is_recorded_and_the_others_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    sz = replace(DRY, n_eval=3, n_calib=2, running_pools=(3,), clusters=2, cluster_tokens=200)
+    arch = ArchConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, expert_hidden=8, max_seq_len=64)
+    trained = {
+        kind: Trained(EMOTransformer(ModelConfig(arch=arch, router=router_config(sz, kind, Recipe()))).eval(),
+                      1, 256, 1.0, 256.0, None, [(1, 4.0)], False)
+        for kind in ("standard", "emo")
+    }  # fmt: skip
+    gen = np.random.default_rng(0)
+    docs = [Document(str(i), "ab"[i % 2], gen.integers(2, 64, gen.integers(3, 40))) for i in range(10)]
+    calib = {d: [x for x in docs if x.domain == d][:2] for d in "ab"}
+    evals = {d: [x for x in docs if x.domain == d][2:] for d in "ab"}
+
+    def broken(*args: object) -> dict:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("benchmarks.scale_probe.eval_keep", broken)
+    report = {"training": {k: t.info() for k, t in trained.items()}, "models": {}, "errors": {}, "dry": True,
+              "complete": False, "device": "cpu", "timestamp": "t", "device_name": "cpu", "packages": {},
+              "sizes": asdict(sz), "recipe": asdict(Recipe()), "attention": "auto",
+              "data": {"train_tokens": 1, "epochs": 1.0, "val_docs": 10, "domains": ["a", "b"]},
+              "plan": {"cut": False, "target_steps": 1}}  # fmt: skip
+    evaluate(trained, docs, calib, evals, sz, 1, 0, Clock(), report, tmp_path)
+    assert set(report["errors"]) == {"standard keep", "emo keep"}
+    assert report["errors"]["emo keep"].startswith("RuntimeError: boom at tests/test_scale_probe.py:")
+    assert {"gap_full", "nmi"} <= set(report["summary"]) and "keep" not in report["summary"]
+    assert set(report["models"]["emo"]["routing"]) == {"full", "running:3"}
+    md = (tmp_path / "scale_probe-latest.md").read_text()
+    assert "FAILED emo keep: RuntimeError: boom" in md and "| router clustering NMI |" in md
