@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -37,8 +40,44 @@ from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterC
 from tests.conftest import cut_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-# what an air-gapped GPU node may lack (webdataset and braceexpand are brought as wheels: the probe needs them)
-BLOCKED = ("deepspeed", "jsonargparse", "omegaconf", "sklearn")
+NODE = ("torch", "lightning", "torchmetrics", "tensorboard", "tokenizers")  # what a bare GPU node has
+WHEELS = ("webdataset", "braceexpand")  # brought along as pure-Python wheels (docs/performance.md)
+
+
+def node_site(out: Path, roots: tuple[str, ...]) -> Path:
+    """A site folder holding only ``roots`` and what they require (symlinks into this environment): run with
+    ``python -S`` and ``PYTHONPATH=<it>:<repo>``, the interpreter sees a node where nothing else is installed
+    (no deepspeed, jsonargparse, omegaconf, scikit-learn, matplotlib...)."""
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    dists = {norm(d.metadata["Name"]): d for d in importlib.metadata.distributions()}
+    seen: set[str] = set()
+    todo = [norm(r) for r in roots]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in dists:
+            continue
+        seen.add(name)
+        for req in dists[name].requires or []:
+            if "extra ==" not in req:
+                todo.append(norm(re.match(r"[A-Za-z0-9_.\-]+", req).group(0)))
+    out.mkdir()
+    for name in seen:
+        dist = dists[name]
+        site = Path(dist.locate_file(""))
+        for top in {Path(f).parts[0] for f in dist.files or []} - {".."}:
+            if (site / top).exists() and not (out / top).exists():
+                (out / top).symlink_to(site / top)
+    return out
+
+
+def run_on_node(site: Path, code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +94,17 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def dry_run(
     corpus: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[subprocess.CompletedProcess, Path]:
+    """The dry run on a simulated bare node with the two wheels, from a corpus (no shards yet)."""
     tmp = tmp_path_factory.mktemp("scale_probe")
     args = ["--dry", "--corpus", str(corpus), "--work-dir", str(tmp / "work"), "--out", str(tmp / "out")]
     code = (
         "import sys\n"
-        f"sys.modules.update(dict.fromkeys({BLOCKED!r}))\n"
         "from benchmarks.scale_probe import main\n"
-        f"sys.exit(main({args!r}))\n"
+        f"rc = main({args!r})\n"
+        "absent = [m for m in ('deepspeed', 'jsonargparse', 'omegaconf', 'sklearn') if m in sys.modules]\n"
+        "sys.exit(rc or (3 if absent else 0))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    return proc, tmp / "out"
+    return run_on_node(node_site(tmp / "site", NODE + WHEELS), code), tmp / "out"
 
 
 def test_dry_run_trains_evaluates_and_writes_results(
@@ -90,7 +130,7 @@ def test_dry_run_trains_evaluates_and_writes_results(
         assert np.isfinite(m["full"]["loss"]) and m["full"]["tokens"] > 0
         assert set(m["keep"]) == {"0.25", "0.125"}
         assert m["keep"]["0.25"]["experts"] == 2 and len(m["keep"]["0.25"]["domains"]) == 4
-        assert m["clustering"]["method"].startswith("torch")  # scikit-learn blocked, as on the node
+        assert m["clustering"]["method"].startswith("torch")  # no scikit-learn on the node
         assert 0.0 <= m["clustering"]["nmi"] <= 1.0
     assert report["models"]["emo"]["router"]["pool_scope"] == "running"
     assert set(report["models"]["emo"]["routing"]) == {"full", "running:2", "running:4"}
@@ -226,3 +266,16 @@ def test_a_failing_stage_is_recorded_and_the_others_run(
     assert set(report["models"]["emo"]["routing"]) == {"full", "running:3"}
     md = (tmp_path / "scale_probe-latest.md").read_text()
     assert "FAILED emo keep: RuntimeError: boom" in md and "| router clustering NMI |" in md
+
+
+def test_missing_wheels_are_one_line(tmp_path: Path) -> None:
+    proc = run_on_node(
+        node_site(tmp_path / "site", NODE),
+        f"from benchmarks.scale_probe import PROG, main\nfrom data_tools.errors import run_cli\n"
+        f"run_cli(PROG, main, ['--dry', '--out', {str(tmp_path)!r}])\n",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (
+        f"{PROG}: missing packages: webdataset, braceexpand: install them (on an air-gapped node: pip install "
+        "--no-index --no-deps from wheels brought along, docs/performance.md 'Scale probe')"
+    )
