@@ -15,7 +15,7 @@ SHARED_CORPUS ?= ../shared/corpus
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 .PHONY: install data data-shared train train-baseline test lint format tensorboard bench clean help smoke-distributed \
-	gpu-check
+	gpu-check gpu-scale-probe gpu-scale-probe-prepare
 
 help:
 	@echo "make install         create $(VENV) (torch pinned to $(TORCH_VERSION)) and install emo-lightning"
@@ -28,6 +28,8 @@ help:
 	@echo "make smoke-distributed  2 CPU processes, DeepSpeed ZeRO-2 + expert parallelism, resume, consolidate"
 	@echo "make bench           CPU benchmarks (ratios side by side)"
 	@echo "make gpu-check       check and measure the CUDA path in < 8 min (CPU: a short dry run)"
+	@echo "make gpu-scale-probe standard MoE vs EMO at ~50M tokens each on one GPU in < 8 min (CPU: a short dry run)"
+	@echo "make gpu-scale-probe-prepare  wheels (.whl/) and a corpus copy (.scale_probe/) to carry to a bare GPU node"
 
 install: $(VENV)/.installed
 
@@ -91,6 +93,25 @@ GPU_CHECK_ARGS ?=
 
 gpu-check:
 	$(GPU_CHECK_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+# The scale question (issue 18): the standard MoE and EMO (running pools, each at its best LR) trained at d 512,
+# 8 layers, 64 experts, ~50M tokens each, then the full-model gap, keep 25% / 12.5% rises and NMI, all in < 8 min
+# on one GPU (a dry run on a CPU); results under benchmarks/results/scale_probe-*. Shards are built from the corpus
+# when absent. SCALE_PROBE_ARGS='--tokens 1e8', '--lr-emo 6e-3', '--balance bias', '--dry' (docs/performance.md).
+SCALE_PROBE_ARGS ?=
+
+gpu-scale-probe:
+	$(GPU_CHECK_PYTHON) -m benchmarks.scale_probe $(SCALE_PROBE_ARGS)
+
+# What a bare GPU node (torch, lightning, torchmetrics, tensorboard, tokenizers; no network) needs besides the
+# repository: the pure-Python wheels of webdataset and braceexpand, and a copy of the research-only corpus inside
+# the tree, ignored by git (both are carried to the node: docs/performance.md, "Scale probe").
+gpu-scale-probe-prepare: | install
+	mkdir -p .whl
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: -d .whl webdataset==1.0.2 braceexpand==0.1.7
+	chmod -R u+w .scale_probe 2>/dev/null; rm -rf .scale_probe/corpus && mkdir -p .scale_probe/corpus
+	cp -r $(SHARED_CORPUS)/train $(SHARED_CORPUS)/val .scale_probe/corpus/ && chmod -R u+w .scale_probe
+	@du -sh .whl .scale_probe/corpus
 
 clean:
 	rm -rf $(SHARDS) runs .pytest_cache
