@@ -103,6 +103,7 @@ class ProbeSizes:
     cluster_tokens: int = 40_000
     budget_s: float = 450.0  # wall-clock budget of the whole probe (data, calibration, training, evaluation)
     eval_reserve_s: float = 150.0  # of it, kept for the evaluation when planning the training steps
+    stage_grace_s: float = 90.0  # evaluation stages not started by budget_s + this are skipped (recorded)
 
     @property
     def tokens_per_step(self) -> int:
@@ -326,14 +327,8 @@ class FitLog:
     """Lightning callback (built by :func:`fit_log`): step times, a loss curve, progress lines, a deadline."""
 
     def __init__(self, name: str, total: int, every: int, sync: bool, deadline: float | None, clock: Clock):
-        self.name, self.total, self.every, self.sync, self.deadline, self.clock = (
-            name,
-            total,
-            every,
-            sync,
-            deadline,
-            clock,
-        )
+        self.name, self.total, self.every, self.sync = name, total, every, sync
+        self.deadline, self.clock = deadline, clock
         self.times: list[float] = []
         self.curve: list[tuple[int, float]] = []
         self.start = self.end = 0.0
@@ -841,6 +836,12 @@ def evaluate(
     for stage, fn in stages.items():
         for kind in MODELS:
             t0 = time.perf_counter()
+            if clock() > sz.budget_s + sz.stage_grace_s:  # keep clear of the device command's time limit
+                report["errors"][f"{kind} {stage}"] = (
+                    f"skipped: {clock():.0f} s, past the budget of {sz.budget_s:.0f} s"
+                )
+                clock.say(f"{kind} {stage}: {report['errors'][f'{kind} {stage}']}")
+                continue
             part = report["models"].setdefault(kind, {"router": asdict(trained[kind].model.cfg.router)})
             try:
                 part.update(fn(trained[kind].model))

@@ -266,6 +266,10 @@ def test_a_failing_stage_is_recorded_and_the_others_run(
     assert set(report["models"]["emo"]["routing"]) == {"full", "running:3"}
     md = (tmp_path / "scale_probe-latest.md").read_text()
     assert "FAILED emo keep: RuntimeError: boom" in md and "| router clustering NMI |" in md
+    report.update(models={}, errors={})  # past the budget: every stage is skipped, and said so
+    evaluate(trained, docs, calib, evals, replace(sz, budget_s=-1e3), 1, 0, Clock(), report, tmp_path)
+    assert len(report["errors"]) == 6 and all(e.startswith("skipped: ") for e in report["errors"].values())
+    assert report["summary"] == {}
 
 
 def test_missing_wheels_are_one_line(tmp_path: Path) -> None:
