@@ -5,9 +5,9 @@
         [--balance aux_loss|bias|both] [--bias-gamma G] [--router-emo KEY=VALUE] [--router-standard KEY=VALUE]
 
 Trains the standard MoE and EMO (the CPU study's best recipe: running pools, each model at its own best learning
-rate) with the same data, seed and token budget, 50x the CPU study's tokens on a 16x wider-compute model
-(``FULL``: d 512, 8 layers, 64 experts of 128 units, top-8 — ``conf/studies/emo_shared8_fine64.yaml`` scaled up;
-~50M tokens each, bf16-mixed, one plain Lightning ``Trainer``, no DeepSpeed), then evaluates both with the
+rate) with the same data, seed, initial weights and token budget (``FULL``: d 512, 8 layers, 64 experts of 128
+units, top-8 — ``conf/studies/emo_shared8_fine64.yaml`` scaled up; ~50M tokens each, 13.5x the CPU study's, at 20x
+its FLOPs per token; bf16-mixed, one plain Lightning ``Trainer``, no DeepSpeed), then evaluates both with the
 modularity toolkit (``emo_lightning.experts``):
 
 * full-model loss on the whole val split, all experts; EMO also under leak-free pooled routing ``running:P``;
