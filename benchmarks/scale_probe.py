@@ -617,14 +617,6 @@ def nmi_score(labels: np.ndarray, clusters: np.ndarray) -> float:
     return mi / ((ha + hb) / 2)
 
 
-def purity_score(labels: np.ndarray, clusters: np.ndarray) -> float:
-    """Fraction of tokens whose cluster's majority label is their own."""
-    _, lab = np.unique(labels, return_inverse=True)
-    table = np.zeros((clusters.max() + 1, lab.max() + 1), dtype=np.int64)
-    np.add.at(table, (clusters, lab), 1)
-    return float(table.max(1).sum() / len(labels))
-
-
 def kmeans_torch(
     z: torch.Tensor, k: int, seed: int, n_init: int = 4, max_iter: int = 300, tol: float = 1e-4
 ) -> torch.Tensor:
@@ -667,6 +659,8 @@ def cluster_torch(
 ) -> dict[str, Any]:
     """``cluster_tokens``'s method without scikit-learn: centre, PCA to ``variance``, L2-normalise, k-means; NMI
     and purity against ``labels``."""
+    from emo_lightning.experts.clustering import purity  # the toolkit (imports the data stack)
+
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(features), size=min(max_tokens, len(features)), replace=False))
     x = torch.from_numpy(features[pick]).to(dev, torch.float64)
@@ -687,7 +681,7 @@ def cluster_torch(
         "tokens": len(pick),
         "pca_dims": dims,
         "nmi": nmi_score(lab, assign),
-        "purity": purity_score(lab, assign),
+        "purity": purity(lab, assign),
         "majority_baseline": float(counts.max() / len(lab)),
     }
 
@@ -697,10 +691,10 @@ def cluster(
 ) -> dict[str, Any]:
     """Router clustering: the toolkit's ``cluster_tokens`` (scikit-learn, as in the CPU study) if importable, else
     :func:`cluster_torch`."""
-    try:
-        from emo_lightning.experts.clustering import cluster_tokens
-    except ModuleNotFoundError:
+    if importlib.util.find_spec("sklearn") is None:
         return cluster_torch(features, labels, sz.clusters, sz.cluster_tokens, seed, dev)
+    from emo_lightning.experts.clustering import cluster_tokens
+
     res = cluster_tokens(features, labels, sz.clusters, max_tokens=sz.cluster_tokens, seed=seed)
     res.pop("clusters", None)
     return {"method": "scikit-learn (cluster_tokens)", **res}

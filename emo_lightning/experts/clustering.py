@@ -13,9 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
-from sklearn.decomposition import PCA
-from sklearn.metrics import normalized_mutual_info_score
 from tqdm.auto import tqdm
 
 from emo_lightning.experts.documents import DocBatch
@@ -62,6 +59,10 @@ def cluster_tokens(
     At most ``max_tokens`` tokens (a seeded sample) are clustered. With ``token_ids`` and ``decode`` every
     cluster lists its most frequent tokens.
     """
+    from sklearn.cluster import KMeans  # imported here: the rest of the module (purity) works without sklearn
+    from sklearn.decomposition import PCA
+    from sklearn.metrics import normalized_mutual_info_score
+
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(features), size=min(max_tokens, len(features)), replace=False))
     x = features[pick].astype(np.float64)
