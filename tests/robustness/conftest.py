@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -39,10 +40,12 @@ def tiny_data(train: Path, **kwargs) -> ShardDataModule:
     )
 
 
-def tiny_trainer(max_steps: int, callbacks: list, **kwargs) -> L.Trainer:
+def tiny_trainer(max_steps: int, callbacks: list, root: Path | None = None, **kwargs) -> L.Trainer:
+    """A quiet CPU trainer; its default checkpoints go under ``root`` (never the working directory)."""
     L.seed_everything(0)
     options = dict(
         accelerator="cpu",
+        default_root_dir=root,
         max_steps=max_steps,
         logger=False,
         enable_progress_bar=False,
@@ -56,9 +59,9 @@ def tiny_trainer(max_steps: int, callbacks: list, **kwargs) -> L.Trainer:
 
 
 @pytest.fixture
-def tiny() -> tuple[Callable, Callable, Callable]:
-    """``(tiny_module, tiny_data, tiny_trainer)`` factories."""
-    return tiny_lit_module, tiny_data, tiny_trainer
+def tiny(tmp_path: Path) -> tuple[Callable, Callable, Callable]:
+    """``(tiny_module, tiny_data, tiny_trainer)`` factories; the trainer's root is the test's folder."""
+    return tiny_lit_module, tiny_data, functools.partial(tiny_trainer, root=tmp_path / "trainer")
 
 
 def cli_args(runs: Path, train: Path, *extra: str) -> list[str]:
