@@ -129,7 +129,7 @@ class Recipe:
     lr: dict[str, float] = field(default_factory=lambda: {"standard": 1.5e-3, "emo": 3e-3})
     pool_scope: str = "running"  # EMO only
     balance: str = "aux_loss"
-    bias_gamma: float = 0.001
+    bias_gamma: float = 0.01  # 1e-3 balances too slowly in ~1000 steps (docs/modularity.md)
     overrides: dict[str, dict[str, str]] = field(default_factory=lambda: {"standard": {}, "emo": {}})
     attention: str = "auto"
     seed: int = 0
@@ -1051,7 +1051,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pool-scope", choices=("running", "document"), default="running", help="EMO pools in training"
     )
     ap.add_argument("--balance", choices=("aux_loss", "bias", "both"), default="aux_loss", help="both models")
-    ap.add_argument("--bias-gamma", type=float, default=0.001, help="bias update step (balance bias/both)")
+    ap.add_argument("--bias-gamma", type=float, default=0.01, help="bias update step (balance bias/both)")
     ap.add_argument(
         "--router-emo",
         type=_override,

@@ -126,6 +126,8 @@ class RouterConfig:
     # (DeepSeek-V3): a per-expert bias added to the scores that *choose* experts (never to gate weights), moved
     # by bias_gamma * sign(mean load - load) after every optimizer step; "both" = the loss and the bias
     balance: Balance = "aux_loss"
+    # DeepSeek-V3's step, for long runs; the bias moves at most bias_gamma per step, so a run of ~1000 steps needs
+    # ~1e-2 to balance at all (1e-3 left EMO at imbalance ~7 after 900 steps: docs/modularity.md)
     bias_gamma: float = 0.001
     z_weight: float = 0.001  # total router z-loss weight (each layer gets z_weight / n_layers)
     seed: int = 0  # seeds pool-size generators and expert initialisation
