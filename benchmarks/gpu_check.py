@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import importlib.metadata
 import importlib.util
 import json
 import math
@@ -49,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.timing import loadavg, machine, measure, peak_memory
+from benchmarks.timing import loadavg, machine, measure, package_versions, peak_memory
 from emo_lightning.model import (
     ArchConfig,
     Attention,
@@ -353,24 +352,6 @@ def matmul_rate(dev: torch.device, n: int, dtype: torch.dtype, sz: Sizes) -> flo
     return 2 * n**3 / t.stats("mm").median
 
 
-def package_versions() -> tuple[dict[str, str], list[str]]:
-    """({importable package: version}, [missing packages]) without importing them."""
-    found, missing = {}, []
-    for name in PACKAGES:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):  # a None entry in sys.modules (a blocked import) raises ValueError
-            spec = None
-        if spec is None:
-            missing.append(name)
-            continue
-        try:
-            found[name] = importlib.metadata.version({"yaml": "PyYAML"}.get(name, name))
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "?"
-    return found, missing
-
-
 def project_modules() -> dict[str, str]:
     """{module: "ok" | "missing: <package>" | "<error>"} for the project's entry points."""
     out = {}
@@ -426,7 +407,7 @@ def environment(dev: torch.device, sz: Sizes, info: dict[str, Any]) -> list[Resu
     else:
         gpu = "none (CPU dry run)"
     rows.append(Result(sec, "GPU", "INFO", gpu))
-    found, missing = package_versions()
+    found, missing = package_versions(PACKAGES)
     info["packages"], info["missing_packages"] = found, missing
     note = f"missing: {', '.join(missing)}" if missing else ""
     rows.append(Result(sec, "packages", "INFO", ", ".join(f"{k} {v}" for k, v in found.items()), note=note))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import gc
-import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -50,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import machine
+from benchmarks.timing import machine, package_versions
 from emo_lightning.errors import ArgumentParser, UserError, run_cli
 from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterConfig, flops_per_token
 from emo_lightning.optim import OptimConfig
@@ -151,19 +150,8 @@ class Clock:
 # ------------------------------------------------------------------------------------------------ environment
 def check_packages() -> dict[str, str]:
     """Versions of the packages the probe imports; a one-line error naming every missing one."""
-    found, missing = {"torch": torch.__version__}, []
-    for name in REQUIRED:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):  # a None entry in sys.modules (a blocked import)
-            spec = None
-        if spec is None:
-            missing.append(name)
-            continue
-        try:
-            found[name] = importlib.metadata.version({"yaml": "PyYAML"}.get(name, name))
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "?"
+    found, missing = package_versions(REQUIRED)
+    found = {"torch": torch.__version__, **found}
     if missing:
         raise UserError(
             f"missing packages: {', '.join(missing)}",

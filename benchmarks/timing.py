@@ -8,11 +8,13 @@ from CUDA events around each call.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -160,6 +162,24 @@ def peak_memory(fn: Callable[[], object], dev: torch.device | None = None) -> in
         live += e.self_cpu_memory_usage
         peak = max(peak, live)
     return peak
+
+
+def package_versions(names: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """({importable package: version}, [missing packages]) without importing them."""
+    found, missing = {}, []
+    for name in names:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):  # a None entry in sys.modules (a blocked import) raises ValueError
+            spec = None
+        if spec is None:
+            missing.append(name)
+            continue
+        try:
+            found[name] = importlib.metadata.version({"yaml": "PyYAML"}.get(name, name))
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "?"
+    return found, missing
 
 
 def machine() -> dict[str, object]:
