@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from collections.abc import Callable
@@ -44,5 +45,11 @@ def _process(rank: int, world: int, init_file: str, worker: Worker, payload_path
         result = worker(rank, world, torch.load(payload_path, weights_only=False))
         if rank == 0:
             torch.save(result, out_path)
+        # every rank done with its collectives, and no object (a model's group attribute in a reference cycle)
+        # keeps the group alive past destroy: otherwise gloo's threads can be torn down at interpreter exit and
+        # abort the process ("terminate called without an active exception"; seen once in CI under load)
+        del result
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
