@@ -10,6 +10,7 @@ averaged over the last 4 usage windows, and the routing bias's spread (``router.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -17,8 +18,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of ``run``'s event files (resumed runs write several), as (step, value) in step order."""
+    files = sorted(run.glob("events.out.tfevents.*"))
+    if not files:
+        print(f"emo: {run}: no TensorBoard events here: pass a run folder, runs/<experiment>", file=sys.stderr)
+        raise SystemExit(2)
     out: dict[str, list[tuple[int, float]]] = {}
-    for f in sorted(run.glob("events.out.tfevents.*")):
+    for f in files:
         acc = EventAccumulator(str(f), size_guidance={"scalars": 0}).Reload()
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
