@@ -20,7 +20,9 @@ def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of ``run``'s event files (resumed runs write several), as (step, value) in step order."""
     files = sorted(run.glob("events.out.tfevents.*"))
     if not files:
-        print(f"emo: {run}: no TensorBoard events here: pass a run folder, runs/<experiment>", file=sys.stderr)
+        print(
+            f"emo: {run}: no TensorBoard events here: pass a run folder, runs/<experiment>", file=sys.stderr
+        )
         raise SystemExit(2)
     out: dict[str, list[tuple[int, float]]] = {}
     for f in files:
