@@ -9,21 +9,18 @@ averaged over the last 4 usage windows, and the routing bias's spread (``router.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from data_tools.errors import ArgumentParser, UserError, run_cli
 
 
 def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of ``run``'s event files (resumed runs write several), as (step, value) in step order."""
     files = sorted(run.glob("events.out.tfevents.*"))
     if not files:
-        print(
-            f"emo: {run}: no TensorBoard events here: pass a run folder, runs/<experiment>", file=sys.stderr
-        )
-        raise SystemExit(2)
+        raise UserError(f"{run}: no TensorBoard events here", "pass a run folder, runs/<experiment>")
     out: dict[str, list[tuple[int, float]]] = {}
     for f in files:
         acc = EventAccumulator(str(f), size_guidance={"scalars": 0}).Reload()
@@ -49,11 +46,11 @@ def summary(run: Path) -> dict[str, float | None]:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> None:
+    ap = ArgumentParser(prog="run_summary", description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<experiment>)")
     ap.add_argument("--ref", type=Path, help="the run the gap is measured against (default: the first)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = {run: summary(run) for run in args.runs}
     ref_run = args.ref or args.runs[0]
     ref = rows[ref_run] if ref_run in rows else summary(ref_run)
@@ -73,4 +70,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli("emo", main)
