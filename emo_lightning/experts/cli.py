@@ -157,6 +157,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure and cache one model only (out/part_<name>.json, reused by a later full run); no report",
     )
     _common(p)
+
+    p = sub.add_parser(
+        "explore", help="one self-contained HTML page: documents, clusters and experts (EMO vs a baseline)"
+    )
+    p.add_argument("--emo", required=True, help="checkpoint to explore (EMO, or any)")
+    p.add_argument(
+        "--baseline", default=None, help="a second checkpoint shown beside it (e.g. a standard MoE)"
+    )
+    p.add_argument("--data", required=True, help="JSONL file (or directory) of documents with domains")
+    p.add_argument("--out", required=True, help="output page.html (opens from disk, no network needed)")
+    p.add_argument(
+        "--docs",
+        type=int,
+        default=100,
+        help="documents shown, spread over the domains (default: %(default)s)",
+    )
+    p.add_argument(
+        "--clusters", type=int, default=32, help="k of each layer's spherical k-means (default: %(default)s)"
+    )
+    p.add_argument(
+        "--keep",
+        default="0.125,0.25,0.5",
+        help="keep fractions (or counts) to select for (default: %(default)s)",
+    )
+    p.add_argument(
+        "--calib-docs",
+        type=int,
+        default=8,
+        help="per domain, the shown documents `select` is calibrated on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--report", default=None, help="an `emo-experts report` folder: show its measured loss rises"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    _routing_arg(p, "full | pool:P | running:P")
+    _common(p)
     return parser
 
 
@@ -357,6 +393,30 @@ def cmd_report(args: argparse.Namespace) -> None:
         print((Path(args.out) / "report.md").read_text())
 
 
+def cmd_explore(args: argparse.Namespace) -> None:
+    from emo_lightning.experts.explore import ExploreConfig, explore  # scikit-learn, plotly: only here
+
+    for flag in ("docs", "clusters", "calib_docs"):
+        if getattr(args, flag) < 1:
+            raise UserError(
+                f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1", "pass a positive count"
+            )
+    cfg = ExploreConfig(
+        docs=args.docs,
+        clusters=args.clusters,
+        keep=[k.strip() for k in args.keep.split(",") if k.strip()],
+        calib_docs=args.calib_docs,
+        routing=args.routing,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    done = explore(
+        args.emo, args.data, args.out, args.baseline, cfg, args.tokenizer, args.report, not args.no_progress
+    )
+    print(f"wrote {args.out}: {done['docs']} documents, {done['tokens']:,} tokens, {_size(done['bytes'])}")
+
+
 COMMANDS = {
     "routes": cmd_routes,
     "select": cmd_select,
@@ -365,6 +425,7 @@ COMMANDS = {
     "prune": cmd_prune,
     "eval": cmd_eval,
     "report": cmd_report,
+    "explore": cmd_explore,
 }
 
 

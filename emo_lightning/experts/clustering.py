@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,51 @@ def purity(labels: np.ndarray, clusters: np.ndarray) -> float:
     return float(table.max(1).sum() / len(labels))
 
 
+@dataclass
+class SphericalKMeans:
+    """A spherical k-means fitted on (a sample of) token features: centre, PCA, L2-normalise, k-means."""
+
+    mean: np.ndarray  # (F,) feature mean of the fitted sample
+    pca: Any  # sklearn PCA
+    kmeans: Any  # sklearn KMeans
+    sample: np.ndarray  # (n,) sorted indices of the tokens it was fitted on
+    labels: np.ndarray  # (n,) cluster of every sampled token
+
+    def embed(self, features: np.ndarray) -> np.ndarray:
+        """(T,F) features -> (T,pca_dims) unit vectors."""
+        z = self.pca.transform(features.astype(np.float64) - self.mean)
+        return z / np.linalg.norm(z, axis=1, keepdims=True).clip(min=1e-12)
+
+    def assign(self, features: np.ndarray) -> np.ndarray:
+        """(T,) cluster of every token of the features it was fitted on (sampled ones keep their fitted
+        label, the others go to the nearest centre)."""
+        out = np.empty(len(features), dtype=np.int64)
+        rest = np.setdiff1d(np.arange(len(features)), self.sample, assume_unique=True)
+        if len(rest):
+            out[rest] = self.kmeans.predict(self.embed(features[rest]))
+        out[self.sample] = self.labels
+        return out
+
+
+def spherical_kmeans(
+    features: np.ndarray, k: int = 32, variance: float = 0.95, max_tokens: int = 40_000, seed: int = 0
+) -> SphericalKMeans:
+    """Fit the spherical k-means on at most ``max_tokens`` tokens (a seeded sample) of (T,F) ``features``."""
+    from sklearn.cluster import KMeans  # imported here: the rest of the module (purity) works without sklearn
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(features), size=min(max_tokens, len(features)), replace=False))
+    x = features[pick].astype(np.float64)
+    mean = x.mean(0)
+    x -= mean
+    pca = PCA(n_components=variance, svd_solver="full", random_state=seed)
+    z = pca.fit_transform(x)
+    z /= np.linalg.norm(z, axis=1, keepdims=True).clip(min=1e-12)
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(z)
+    return SphericalKMeans(mean, pca, km, pick, km.labels_)
+
+
 def cluster_tokens(
     features: np.ndarray,
     labels: np.ndarray,
@@ -59,19 +105,10 @@ def cluster_tokens(
     At most ``max_tokens`` tokens (a seeded sample) are clustered. With ``token_ids`` and ``decode`` every
     cluster lists its most frequent tokens.
     """
-    from sklearn.cluster import KMeans  # imported here: the rest of the module (purity) works without sklearn
-    from sklearn.decomposition import PCA
     from sklearn.metrics import normalized_mutual_info_score
 
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(features), size=min(max_tokens, len(features)), replace=False))
-    x = features[pick].astype(np.float64)
-    x -= x.mean(0, keepdims=True)
-    pca = PCA(n_components=variance, svd_solver="full", random_state=seed)
-    z = pca.fit_transform(x)
-    z /= np.linalg.norm(z, axis=1, keepdims=True).clip(min=1e-12)
-    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(z)
-    assign = km.labels_
+    fit = spherical_kmeans(features, k, variance, max_tokens, seed)
+    pick, assign, pca = fit.sample, fit.labels, fit.pca
     lab = np.asarray(labels)[pick]
     clusters = []
     for c in range(k):
