@@ -244,33 +244,36 @@ class ExpertUsageMonitor(L.Callback):
                 continue
             counts = result["counts"][self.layers.index(layer)].to(torch.float64)  # (D,E)
             share = counts / counts.sum(-1, keepdim=True).clamp_min(1)
-            fig = Figure(figsize=(1.5 + 0.35 * n_exp, 1.0 + 0.35 * n_dom))
+            cell = 0.35 if n_exp <= 32 else 0.25  # inches per expert column (64 experts: 1750 px wide)
+            width = 1.8 + cell * n_exp
+            fig = Figure(figsize=(width, 1.0 + 0.35 * n_dom), layout="constrained")
             FigureCanvasAgg(fig)
             ax = fig.add_subplot()
             im = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0)
             ax.set_yticks(range(n_dom), self.domains)
-            ax.set_xticks(range(n_exp))
+            ax.set_xticks(range(n_exp), [str(e) for e in range(n_exp)], fontsize=10 if n_exp <= 32 else 8)
             ax.set_xlabel("routable expert")
             ax.set_title(f"layer {layer}: share of each domain's tokens")
-            fig.colorbar(im, ax=ax)
-            fig.tight_layout()
+            fig.colorbar(im, ax=ax, fraction=0.35 / width, pad=0.12 / width)  # a bar of fixed width, close by
             figs[f"experts/heatmap/layer{layer}"] = fig
-        fig = Figure(figsize=(2.0 + 0.7 * n_dom, 1.5 + 0.8 * len(self.layers)))
+        # both panels share the layer axis; the common words go to one figure title (two full titles overlapped
+        # at 4 domains, 480 px)
+        fig = Figure(figsize=(2.0 + 0.7 * n_dom, 1.8 + 0.8 * len(self.layers)), layout="constrained")
         FigureCanvasAgg(fig)
-        for j, name in enumerate(("experts50", "experts90")):
-            ax = fig.add_subplot(1, 2, j + 1)
+        axes = fig.subplots(1, 2, sharey=True)
+        for ax, name in zip(axes, ("experts50", "experts90"), strict=True):
             values = result[name].numpy()  # (L,D)
             ax.imshow(values, aspect="auto", cmap="magma_r", vmin=0, vmax=n_exp)
             for (r, c), v in _cells(values):
                 label, color = (
                     ("-", "black") if math.isnan(v) else (f"{v:.0f}", "white" if v > n_exp / 2 else "black")
                 )
-                ax.text(c, r, label, ha="center", va="center", fontsize=7, color=color)
+                ax.text(c, r, label, ha="center", va="center", fontsize=8, color=color)
             ax.set_xticks(range(n_dom), self.domains, rotation=60, ha="right")
-            ax.set_yticks(range(len(self.layers)), [str(layer) for layer in self.layers])
-            ax.set_ylabel("layer")
-            ax.set_title(f"experts carrying {name[-2:]}% of a domain")
-        fig.tight_layout()
+            ax.set_title(f"{name[-2:]}% of its tokens", fontsize=10)
+        axes[0].set_yticks(range(len(self.layers)), [str(layer) for layer in self.layers])
+        axes[0].set_ylabel("layer")
+        fig.suptitle("experts carrying a domain's tokens", fontsize=11)
         figs["experts/summary"] = fig
         return figs
 

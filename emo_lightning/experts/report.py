@@ -348,7 +348,10 @@ def plot(report: dict[str, Any], out: Path) -> None:
     styles = {"emo": "tab:blue", "standard": "tab:red"}
     cols = 4
     rows = math.ceil(len(domains) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False, sharex=True)
+    # one legend for all panels, below them (inside a panel it covered the curves)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4 * cols, 3.2 * rows + 0.5), squeeze=False, sharex=True, layout="constrained"
+    )
     for ax, d in zip(axes.flat, domains, strict=False):
         for name, color in styles.items():
             keep = m[name]["domains"][d]["keep"]
@@ -373,16 +376,18 @@ def plot(report: dict[str, Any], out: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_title(d)
         ax.set_ylabel("loss rise (%)")
-        ax.set_xlabel("kept fraction of experts")
         ax.grid(alpha=0.3)
+    for i, ax in enumerate(list(axes.flat)[: len(domains)]):
+        if i + cols >= len(domains):  # the lowest panel of its column (the others share its x axis)
+            ax.set_xlabel("kept fraction of experts")
     for ax in list(axes.flat)[len(domains) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=len(names), fontsize=8, frameon=False)
     fig.savefig(out / "loss_vs_keep.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4), layout="constrained")
     for name, color in styles.items():
         summ = m[name]["summary"]
         for s, ls in zip(shots, ["-", "-."], strict=False):
@@ -406,8 +411,11 @@ def plot(report: dict[str, Any], out: Path) -> None:
     ax.set_xlabel("kept fraction of experts")
     ax.set_ylabel("mean loss rise over domains (%)")
     ax.set_yscale("symlog", linthresh=1.0)
+    ax.margins(y=0.08)  # the largest rises' markers stay inside the axes
+    low, high = ax.get_ylim()
+    ticks = [t for t in (-20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50, 100) if low <= t <= high]
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])  # plain percentages, not 10^1 / -10^0
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(fontsize=8, loc="outside right upper", frameon=False)
     fig.savefig(out / "mean_rise.png", dpi=110)
     plt.close(fig)

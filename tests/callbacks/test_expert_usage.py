@@ -116,3 +116,29 @@ def test_collapse_streak_warns_every_n_windows() -> None:
     assert [m is not None for m in messages] == [False] * 5 + [True, False, False, True]
     assert "layer 1: dead 0.60" in messages[5] and "layer 0" not in messages[5]
     assert monitor.collapse_streak == 6
+
+
+@pytest.mark.parametrize(("domains", "experts"), [(4, 15), (8, 64)])  # make train / the study models
+def test_images_read_cleanly(domains: int, experts: int) -> None:
+    """At its real size no title or axis label of an image overlaps another text, and every text is inside it."""
+    from matplotlib.text import Text
+
+    monitor = ExpertUsageMonitor(domains=[f"domain_{d}" for d in range(domains)], heatmap_layers=[0, 3])
+    monitor.layers = [0, 1, 2, 3]
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 1000, (4, domains, experts), generator=gen)
+    e50 = torch.randint(1, experts // 2, (4, domains), generator=gen).float()
+    figures = monitor.figures({"counts": counts, "experts50": e50, "experts90": e50 + experts // 3})
+    assert set(figures) == {"experts/heatmap/layer0", "experts/heatmap/layer3", "experts/summary"}
+    for tag, fig in figures.items():
+        renderer = fig.canvas.get_renderer()
+        fig.draw(renderer)
+        texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+        boxes = {t: t.get_window_extent(renderer) for t in texts}
+        page = fig.bbox.padded(1)
+        assert all(page.contains(b.x0, b.y0) and page.contains(b.x1, b.y1) for b in boxes.values()), tag
+        heads = [fig._suptitle, *(a.title for a in fig.axes), *(a.xaxis.label for a in fig.axes)]
+        heads += [a.yaxis.label for a in fig.axes]
+        for head in (h for h in heads if h in boxes):
+            clash = [t.get_text() for t in texts if t is not head and boxes[head].overlaps(boxes[t])]
+            assert not clash, f"{tag}: {head.get_text()!r} overlaps {clash}"
