@@ -14,7 +14,8 @@ CORPUS := data/corpus
 SHARED_CORPUS ?= ../shared/corpus
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: install data data-shared train train-baseline test lint format tensorboard bench clean help smoke-distributed \
+.PHONY: install browser data data-shared train train-baseline test lint format tensorboard bench clean help \
+	smoke-distributed \
 	gpu-check gpu-scale-probe gpu-scale-probe-prepare
 
 help:
@@ -22,6 +23,7 @@ help:
 	@echo "make train           tiny EMO model on the bundled corpus (CONFIG=..., ARGS='--trainer.max_steps 10')"
 	@echo "make train-baseline  the same with the standard top-k router"
 	@echo "make test            the test suite (no GPU and no ../shared needed);  make lint;  make format"
+	@echo "make browser         Chromium for the explorer's browser tests (apt-get install chromium, when absent)"
 	@echo "make data            shards of the bundled corpus;  make data-shared: the eight domains of ../shared"
 	@echo "make tensorboard     TensorBoard over runs/"
 	@echo "make modularity      emo-experts report of the two tiny runs (EMO vs standard MoE)"
@@ -41,6 +43,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install --quiet -e ".[dev,export]"
 	@touch $@
+
+# The explorer's browser tests (tests/experts/test_explore.py) drive a headless Chromium with Playwright for Python
+# (installed by `make install`), pointed at the system's browser: Playwright's own download (`playwright install`)
+# is never needed. Installs Debian's chromium package when no Chromium is on PATH (as root, or through sudo);
+# elsewhere install Chromium or Chrome yourself, or set EMO_CHROMIUM. Without one the tests skip (CI=true: fail).
+CHROMIUM_NAMES := chromium chromium-browser google-chrome
+
+browser:
+	@for b in $$EMO_CHROMIUM $(CHROMIUM_NAMES); do command -v $$b >/dev/null && { echo "browser: $$(command -v $$b)"; exit 0; }; done; \
+	command -v apt-get >/dev/null || { echo "make browser: no Chromium and no apt-get: install Chromium or set EMO_CHROMIUM"; exit 1; }; \
+	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium >/dev/null && \
+	echo "browser: $$(command -v chromium)"
 
 # Tokenised WebDataset shards of the bundled corpus (the tokenizer is committed: data/tokenizer.json).
 data: $(SHARDS)/train/manifest.json $(SHARDS)/val/manifest.json

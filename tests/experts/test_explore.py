@@ -226,7 +226,12 @@ def test_spherical_kmeans_assigns_unsampled_tokens_to_the_nearest_centre() -> No
 
 def test_pick_documents_spreads_over_domains(built: dict[str, Any]) -> None:
     picked = pick_documents(list(_documents(built).values()), 4)
-    assert sorted(d.domain for d in picked) == ["code", "code", "literature", "math"]  # one per domain, then again
+    assert sorted(d.domain for d in picked) == [
+        "code",
+        "code",
+        "literature",
+        "math",
+    ]  # one per domain, then again
     assert [d.id for d in picked] == ["code-0", "code-1", "literature-0", "math-0"]  # grouped by domain
 
 
@@ -299,9 +304,10 @@ class Browser(SimpleNamespace):
 
 
 @pytest.fixture(scope="module")
-def browser(built: dict[str, Any]) -> Iterator[Any]:
+def browser(request: pytest.FixtureRequest) -> Iterator[Browser]:
     """The explorer page open in headless Chromium (a :class:`Browser`)."""
-    executable = _chromium()
+    executable = _chromium()  # skips (CI: fails) before the page is built
+    built = request.getfixturevalue("built")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
