@@ -163,7 +163,10 @@ def test_select_is_what_the_select_command_keeps(built: dict[str, Any], tmp_path
     records = [json.loads(line) for line in built["docs"].read_text().splitlines()]
     for view, path in zip(built["data"]["models"], (built["emo"], built["std"]), strict=True):
         for domain in ("code", "math"):
-            entry = view["select"][domain]
+            entry = view["select"][domain]  # calibrated on the domain's first shown documents
+            assert (
+                entry["calibration"] == [d["id"] for d in built["data"]["docs"] if d["domain"] == domain][:8]
+            )
             calib = tmp_path / f"{domain}.jsonl"
             calib.write_text(
                 "".join(json.dumps(r) + "\n" for r in records if r["id"] in entry["calibration"])
@@ -375,6 +378,9 @@ def test_browser_cluster_lists_its_documents(browser: Browser, built: dict[str, 
     listed = browser.page.locator("#cluster-docs .cdoc").evaluate_all("cs => cs.map(x => +x.dataset.doc)")
     expected = [i for i in range(len(off) - 1) if (clusters[off[i] : off[i + 1]] == c).any()]
     assert sorted(listed) == expected and len(expected) < len(off) - 1
+    counts = browser.page.locator("#cluster-docs .cdoc .n").all_inner_texts()  # "n of m tokens"
+    for i, text in zip(listed, counts, strict=True):
+        assert text == f"{int((clusters[off[i] : off[i + 1]] == c).sum())} of {off[i + 1] - off[i]} tokens"
     marks = browser.page.locator("#cluster-docs .tok").evaluate_all(
         "s => s.map(x => [x.classList.contains('hl'), +x.dataset.clusters.split(',')[1]])"
     )
