@@ -27,6 +27,7 @@ help:
 	@echo "make data            shards of the bundled corpus;  make data-shared: the eight domains of ../shared"
 	@echo "make tensorboard     TensorBoard over runs/"
 	@echo "make modularity      emo-experts report of the two tiny runs (EMO vs standard MoE)"
+	@echo "make explore         emo-experts explore of the two tiny runs: runs/explore.html (opens from disk)"
 	@echo "make smoke-distributed  2 CPU processes, DeepSpeed ZeRO-2 + expert parallelism, resume, consolidate"
 	@echo "make bench           CPU benchmarks (ratios side by side)"
 	@echo "make gpu-check       check and measure the CUDA path in < 8 min (CPU: a short dry run)"
@@ -163,3 +164,15 @@ modularity: install
 	$(BIN)/emo-experts report --emo "$$($(call newest_ckpt,$(EMO_RUN)))" \
 		--baseline "$$($(call newest_ckpt,$(STDMOE_RUN)))" --data $(CORPUS)/val \
 		--keep 0.0625,0.125,0.25,0.5,1 --shots 1,8 --calib-docs 8 --eval-docs 50 --out $(MODULARITY_OUT)
+
+# The expert explorer (emo-experts explore) of the same two runs: one self-contained HTML page (opens from disk, no
+# network) of 100 documents of the bundled val split; with the loss rises `make modularity` measured, if it ran.
+.PHONY: explore
+EXPLORE_OUT ?= runs/explore.html
+
+explore: install
+	@test -n "$$($(call newest_ckpt,$(EMO_RUN)))" || $(MAKE) train
+	@test -n "$$($(call newest_ckpt,$(STDMOE_RUN)))" || $(MAKE) train-baseline
+	$(BIN)/emo-experts explore --emo "$$($(call newest_ckpt,$(EMO_RUN)))" \
+		--baseline "$$($(call newest_ckpt,$(STDMOE_RUN)))" --data $(CORPUS)/val \
+		$(if $(wildcard $(MODULARITY_OUT)/report.json),--report $(MODULARITY_OUT)) --out $(EXPLORE_OUT)

@@ -20,13 +20,14 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import normalized_mutual_info_score
 from tqdm.auto import tqdm
 
 from emo_lightning.errors import UserError
@@ -41,6 +42,7 @@ from emo_lightning.experts.documents import (
 )
 from emo_lightning.experts.routes import iter_routes
 from emo_lightning.experts.selection import layerwise_subset, parse_keep
+from emo_lightning.model import EMOTransformer
 
 # Moving with issue 23 (checkpoint loading -> emo_lightning.checkpoint, routing modes -> emo_lightning.model):
 # re-point these two imports only.
@@ -88,13 +90,9 @@ def row_batches(docs: Sequence[Document], seq_len: int, batch_size: int, pad_id:
         (row,) = pack_documents([d], seq_len, 1, pad_id)  # (1,S), doc_index 0 / -1
         row.doc_index = torch.where(row.doc_index >= 0, i, -1)
         rows.append(row)
+    names = [f.name for f in fields(DocBatch)]
     return [
-        DocBatch(
-            *(
-                torch.cat([getattr(r, f) for r in rows[s : s + batch_size]])
-                for f in DocBatch.__dataclass_fields__
-            )
-        )
+        DocBatch(*(torch.cat([getattr(r, n) for r in rows[s : s + batch_size]]) for n in names))
         for s in range(0, len(rows), batch_size)
     ]
 
@@ -138,7 +136,7 @@ def quantise(weights: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- the model
 def _routes(
-    model: Any,
+    model: EMOTransformer,
     docs: Sequence[Document],
     batches: Sequence[DocBatch],
     routing: Routing,
@@ -250,8 +248,6 @@ def model_view(
     k = min(cfg.clusters, len(index))
     assign = np.zeros((n_layers, len(index)), dtype=np.int64)  # (L,T)
     layers = []
-    from sklearn.metrics import normalized_mutual_info_score
-
     for layer in tqdm(range(n_layers), desc=f"clusters {role}", unit="layer", disable=not progress):
         f = feats[:, layer * n_routed : (layer + 1) * n_routed]  # (T,E') this layer's router softmax
         fit = spherical_kmeans(f, k, max_tokens=cfg.cluster_tokens, seed=cfg.seed)
@@ -371,10 +367,9 @@ def build_payload(
     row = min(lm.config.arch.max_seq_len for lm in models.values())
     seq_len = min(cfg.seq_len or row, row)
     full_docs = pick_documents(load_documents(data, tok), cfg.docs)
+    fix = "pass a JSON Lines file (or folder) of documents with a text each"
     if not full_docs:
-        raise UserError(
-            f"--data {data}: no documents", "pass a JSON Lines file (or folder) with a text per line"
-        )
+        raise UserError(f"--data {data}: no documents", fix)
     docs = cut(full_docs, seq_len)
     domains = list(by_domain(docs))
     report, report_source = _read_report(report_dir)
@@ -384,8 +379,6 @@ def build_payload(
         model_view(role, lm, full_docs, docs, domains, tok, cfg, seq_len, parts[role], progress)
         for role, lm in models.items()
     ]
-    import plotly
-
     return {
         "meta": {
             "title": "emo-experts explore: " + " vs ".join(v["label"] for v in views),
@@ -393,7 +386,7 @@ def build_payload(
             "routing": str(cfg.routing),
             "seq_len": seq_len,
             "report": None if report_dir is None else str(report_dir),
-            "plotly": plotly.__version__,
+            "plotly": _plotly_js()[1],
         },
         "domains": domains,
         "docs": [
