@@ -305,7 +305,11 @@
       `Heatmaps: Plotly.js (plotly ${meta.plotly}, MIT licence), inlined.`;
     const layerSel = document.getElementById("layer");
     layerSel.innerHTML = [...Array(N_LAYERS).keys()].map((l) => `<option value="${l}">${l}</option>`).join("");
-    layerSel.addEventListener("change", () => { state.layer = +layerSel.value; refresh(); });
+    layerSel.addEventListener("change", () => {
+      state.layer = +layerSel.value;
+      state.cluster = null; // each layer has its own clustering: cluster ids do not carry over
+      refresh();
+    });
     const colourSel = document.getElementById("colour");
     colourSel.addEventListener("change", () => { state.colour = colourSel.value; refresh(); });
     document.getElementById("domain").innerHTML = DATA.domains.map((d) => `<option>${esc(d)}</option>`).join("");
