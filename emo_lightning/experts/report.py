@@ -413,7 +413,7 @@ def plot(report: dict[str, Any], out: Path) -> None:
     ax.set_yscale("symlog", linthresh=1.0)
     ax.margins(y=0.08)  # the largest rises' markers stay inside the axes
     low, high = ax.get_ylim()
-    ticks = [t for t in (-20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50, 100) if low <= t <= high]
+    ticks = [t for t in (-20, -10, -5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10, 20, 50, 100) if low <= t <= high]
     ax.set_yticks(ticks, [f"{t:g}" for t in ticks])  # plain percentages, not 10^1 / -10^0
     ax.grid(alpha=0.3)
     fig.legend(fontsize=8, loc="outside right upper", frameon=False)
