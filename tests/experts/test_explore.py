@@ -315,7 +315,7 @@ def browser(request: pytest.FixtureRequest) -> Iterator[Browser]:
 
     with sync_playwright() as p:
         chrome = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        page = chrome.new_page(viewport={"width": 1400, "height": 900})
+        page = chrome.new_page(viewport={"width": 1280, "height": 720})
         problems: list[str] = []
         page.on("console", lambda m: problems.append(f"console {m.text}") if m.type == "error" else None)
         page.on("pageerror", lambda e: problems.append(f"page error {e}"))
@@ -338,6 +338,10 @@ def test_browser_loads_without_errors(browser: Browser, built: dict[str, Any]) -
     _open(browser, "documents")
     assert browser.problems == []
     assert browser.page.locator("#docs button").count() == len(built["data"]["docs"])
+    boxes = browser.page.locator(".doc-col").evaluate_all(
+        "cs => cs.map(c => c.getBoundingClientRect().toJSON())"
+    )
+    assert len(boxes) == 2 and boxes[0]["top"] == boxes[1]["top"] and boxes[0]["right"] <= boxes[1]["left"]
 
 
 def test_browser_layer_switch_recolours_tokens(browser: Browser) -> None:

@@ -104,6 +104,7 @@
     const cutNote = d.length > d.tokens.length ? `, first ${d.tokens.length} of ${d.length} tokens` : `, ${d.length} tokens`;
     document.getElementById("doc-title").innerHTML = `${esc(d.id)} <small><span class="dom" style="background:${domainColour(d.domain)}">${esc(d.domain)}</span>${cutNote}</small>`;
     const cols = document.getElementById("doc-columns");
+    cols.style.gridTemplateColumns = `repeat(${MODELS.length}, minmax(0, 1fr))`; // side by side, whatever the width
     cols.innerHTML = MODELS.map((m, mi) => {
       const spans = [];
       for (let t = OFFSET[state.doc]; t < OFFSET[state.doc + 1]; t++) spans.push(tokenSpan(mi, t, ""));
