@@ -190,8 +190,9 @@
     document.getElementById("cluster-columns").innerHTML = MODELS.map((m, mi) => {
       const lay = m.cluster_layers[state.layer];
       const order = lay.clusters.map((c, i) => [i, c.size]).sort((a, b) => b[1] - a[1] || a[0] - b[0]);
+      const key = DATA.domains.map((d) => `<span><span class="dot" style="background:${domainColour(d)}"></span> ${esc(d)}</span>`).join("");
       return `<div class="card" data-model="${mi}"><h2>${esc(m.label)} <small>layer ${state.layer}: ${m.k} clusters, ` +
-        `NMI vs domain ${lay.nmi.toFixed(3)}, purity ${lay.purity.toFixed(3)}</small></h2>` +
+        `NMI vs domain ${lay.nmi.toFixed(3)}, purity ${lay.purity.toFixed(3)}</small></h2><div class="legend">${key}</div>` +
         `<ol class="clusters">${order.map(([c]) => clusterItem(mi, c)).join("")}</ol></div>`;
     }).join("");
   }
