@@ -128,7 +128,7 @@ smoke-distributed: install data
 	rm -rf $(SMOKE)
 	$(BIN)/emo fit $(SMOKE_ARGS) --trainer.max_steps 5
 	$(BIN)/emo fit $(SMOKE_ARGS) --trainer.max_steps 7 --ckpt_path last
-	$(BIN)/python -m emo_lightning.parallel.checkpoint $(SMOKE)/checkpoints/last.ckpt $(SMOKE)/consolidated.ckpt \
+	$(BIN)/python -m emo_lightning.checkpoint.deepspeed $(SMOKE)/checkpoints/last.ckpt $(SMOKE)/consolidated.ckpt \
 		--expect-step 7
 	@echo "smoke-distributed: OK"
 

@@ -47,8 +47,8 @@ class LoopReferenceRouter(nn.Module):
     def __init__(self, router: Router, doc_metric: bool = False) -> None:
         super().__init__()
         self.weight = router.weight
-        self.k, self.pool_min, self.pool_max = router.k, router.pool_min, router.pool_max
-        self.eval_pool = router.eval_pool
+        self.k, self.pool_min, self.pool_max = router.routed_k, router.pool_min, router.pool_max
+        self.pool_eval = router.pool_eval
         self.doc_metric = doc_metric
         self.last_doc_entropy = 0.0
 
@@ -75,7 +75,7 @@ class LoopReferenceRouter(nn.Module):
                 if self.training:
                     p = int(torch.randint(self.pool_min, self.pool_max + 1, (1,)).item())  # host sync
                 else:
-                    p = self.eval_pool
+                    p = self.pool_eval
                 if p < e:
                     discard = torch.topk(-pref, e - p).indices
                     mask[row, start:end, discard] = True

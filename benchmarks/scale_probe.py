@@ -536,8 +536,9 @@ def document_losses_on(
 ) -> tuple[Any, torch.Tensor]:
     """``emo_lightning.experts.evaluate.document_losses`` on the model's device (the toolkit's own keeps its
     sums on the CPU): per-document loss sums and scored targets (CPU), plus the summed expert counts (L,E')."""
-    from emo_lightning.experts.evaluate import DocLosses
     from emo_lightning.experts.routing import eval_routing
+
+    from emo_lightning.experts.evaluate import DocLosses
 
     dev = next(model.parameters()).device
     loss_sum = torch.zeros(n_docs, dtype=torch.float64, device=dev)
@@ -700,9 +701,10 @@ def cpu_copy(model: EMOTransformer) -> EMOTransformer:
 def eval_full(model: EMOTransformer, val_docs: list[Any], sz: ProbeSizes, pad: int) -> dict[str, Any]:
     """Loss on the whole val split with all experts (per domain; load imbalance and dead experts from the expert
     counts) and, for EMO, under leak-free pooled routing ``running:P``."""
+    from emo_lightning.experts.routing import FULL, Routing
+
     from emo_lightning.experts.documents import pack_documents
     from emo_lightning.experts.evaluate import domain_table
-    from emo_lightning.experts.routing import FULL, Routing
     from emo_lightning.metrics import routing_stats as rs
 
     rc = model.cfg.router
@@ -743,9 +745,10 @@ def eval_keep(
     """Per keep fraction: experts chosen layer-wise from the calibration documents of each domain (the toolkit's
     ``layerwise_subset`` on a CPU copy), the model cut to them (``prune_model``) and evaluated on the domain's
     evaluation documents; rise = loss / full-model loss on the same documents - 1, and its mean over domains."""
-    from emo_lightning.experts.documents import pack_documents
     from emo_lightning.experts.prune import prune_model
     from emo_lightning.experts.routing import FULL
+
+    from emo_lightning.experts.documents import pack_documents
     from emo_lightning.experts.selection import layerwise_subset, parse_keep
 
     dev = next(model.parameters()).device

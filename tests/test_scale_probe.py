@@ -35,8 +35,7 @@ from data_tools.errors import run_cli
 from emo_lightning.experts.clustering import cluster_tokens, router_features
 from emo_lightning.experts.documents import Document, pack_documents
 from emo_lightning.experts.evaluate import document_losses
-from emo_lightning.experts.routing import Routing
-from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterConfig
+from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterConfig, Routing
 from tests.conftest import cut_corpus
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from emo_lightning.experts.documents import DocBatch
-from emo_lightning.experts.routing import FULL, Routing, eval_routing
-from emo_lightning.model import EMOTransformer
+from emo_lightning.model import FULL, EMOTransformer, Routing
 
 
 @torch.no_grad()
@@ -26,7 +25,7 @@ def router_features(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(T, L*E') float32 router probabilities of every non-padding token, its document index and token id."""
     feats, index, ids = [], [], []
-    with eval_routing(model, routing):
+    with model.routing(routing):
         for b in tqdm(batches, desc="features", unit="batch", disable=not progress, leave=False):
             out = model(b.input_ids, b.doc_ids, return_routes=True)
             keep = (b.doc_index >= 0).flatten()

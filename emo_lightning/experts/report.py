@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from emo_lightning.experts.checkpoint import LoadedModel, load_model
+from emo_lightning.checkpoint import LoadedModel, atomic_write_text, load_model
 from emo_lightning.experts.clustering import cluster_tokens, router_features
 from emo_lightning.experts.documents import (
     DocBatch,
@@ -33,9 +33,8 @@ from emo_lightning.experts.documents import (
     split_documents,
 )
 from emo_lightning.experts.evaluate import document_losses
-from emo_lightning.experts.prune import expert_parameter_counts, prune_model
-from emo_lightning.experts.routing import Routing
 from emo_lightning.experts.selection import layerwise_subset, parse_keep, random_subset
+from emo_lightning.model import Routing, expert_parameter_counts, prune_model
 
 
 @dataclass
@@ -210,7 +209,7 @@ def run_report(
                 feats, labels, cfg.clusters, max_tokens=cfg.cluster_tokens, seed=cfg.seed, token_ids=ids,
                 decode=tok.decode,
             )  # fmt: skip
-            cache.write_text(json.dumps({"key": key, "part": part}))
+            atomic_write_text(cache, json.dumps({"key": key, "part": part}))
             report["models"][name] = part
     if only is not None:
         return report
@@ -219,8 +218,8 @@ def run_report(
         "torch_threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - start,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown(report))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    atomic_write_text(out / "report.md", markdown(report))
     plot(report, out)
     return report
 

@@ -14,9 +14,8 @@ from emo_lightning.errors import UserError
 from emo_lightning.experts.cli import main
 from emo_lightning.experts.documents import DocumentTokenizer, load_documents
 from emo_lightning.experts.export import FILES, export_hf, hf_architecture
-from emo_lightning.experts.prune import prune_model
 from emo_lightning.generate import Sampling, generate
-from emo_lightning.model import EMOTransformer
+from emo_lightning.model import FULL, EMOTransformer, prune_model
 from tests.experts.conftest import TOKENIZER, tiny_config, tiny_model, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -61,35 +60,37 @@ def test_exported_model_reproduces_logits_and_greedy_text(
     variant: str, arch: str, tmp_path: Path, jsonl: Path
 ) -> None:
     model = _model(variant)
-    model.set_eval_pool(None)  # the export routes every token over all its experts
-    sizes = export_hf(model, TOKENIZER, tmp_path / "hf")
-    assert set(sizes) == set(FILES) and all(n > 0 for n in sizes.values())
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    assert type(hf).__name__ == arch == hf_architecture(model.cfg)
-    with torch.no_grad():
-        for ids in _documents(jsonl):
-            torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
-        prompt = _documents(jsonl)[0][:, :8]
-        theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=1)
-    ((ours, _),) = generate(model, prompt.tolist(), Sampling(max_new_tokens=12, temperature=0), eos_id=-1)
-    assert theirs[0, 8:].tolist() == ours  # emo generate (KV cache) and transformers, token for token
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    text = "def add(a, b):\n    return a + b"
-    assert tok(text)["input_ids"] == DocumentTokenizer(TOKENIZER).tokenizer.encode(text).ids
-    assert (tok.eos_token_id, tok.pad_token_id) == (0, 1)
+    with model.routing(FULL):  # the export routes every token over all its experts
+        sizes = export_hf(model, TOKENIZER, tmp_path / "hf")
+        assert set(sizes) == set(FILES) and all(n > 0 for n in sizes.values())
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+        assert type(hf).__name__ == arch == hf_architecture(model.cfg)
+        with torch.no_grad():
+            for ids in _documents(jsonl):
+                torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+            prompt = _documents(jsonl)[0][:, :8]
+            theirs = hf.generate(
+                prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=1
+            )
+        ((ours, _),) = generate(model, prompt.tolist(), Sampling(max_new_tokens=12, temperature=0), eos_id=-1)
+        assert theirs[0, 8:].tolist() == ours  # emo generate (KV cache) and transformers, token for token
+        tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+        text = "def add(a, b):\n    return a + b"
+        assert tok(text)["input_ids"] == DocumentTokenizer(TOKENIZER).tokenizer.encode(text).ids
+        assert (tok.eos_token_id, tok.pad_token_id) == (0, 1)
 
 
 def test_a_wrong_mapping_would_be_caught(tmp_path: Path, jsonl: Path) -> None:
     """Negative control: flipping ``norm_topk_prob`` in the exported config moves the logits 10x beyond 1e-4."""
     model = _model("shared1")
-    model.set_eval_pool(None)
-    export_hf(model, TOKENIZER, tmp_path / "hf")
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(config | {"norm_topk_prob": True}))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    ids = _documents(jsonl)[0]
-    with torch.no_grad():
-        assert (hf(ids).logits - model(ids).logits).abs().max() > 1e-3
+    with model.routing(FULL):
+        export_hf(model, TOKENIZER, tmp_path / "hf")
+        config = json.loads((tmp_path / "hf" / "config.json").read_text())
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(config | {"norm_topk_prob": True}))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+        ids = _documents(jsonl)[0]
+        with torch.no_grad():
+            assert (hf(ids).logits - model(ids).logits).abs().max() > 1e-3
 
 
 def test_qk_norm_with_shared_experts_is_refused_naming_the_options(tmp_path: Path) -> None:

@@ -19,9 +19,9 @@ import lightning as L
 import pytest
 import torch
 
+from emo_lightning.checkpoint.deepspeed import consolidate
 from emo_lightning.model import EMOTransformer, param_counts
 from emo_lightning.parallel import EMODeepSpeedStrategy, validate_expert_parallel
-from emo_lightning.parallel.checkpoint import consolidate
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

@@ -11,7 +11,7 @@ a run from the directory itself, with the same ``ep_size``. :func:`load_local_we
 checkpoint into a rank-local expert-parallel model (``emo fit --init_from`` under ``EMODeepSpeedStrategy``),
 reading only the experts the rank holds.
 
-Usage: ``python -m emo_lightning.parallel.checkpoint runs/x/checkpoints/last.ckpt runs/x/consolidated.ckpt``
+Usage: ``python -m emo_lightning.checkpoint.deepspeed runs/x/checkpoints/last.ckpt runs/x/consolidated.ckpt``
 """
 
 from __future__ import annotations
@@ -25,12 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emo_lightning.checkpointing import CheckpointMismatchError
-from emo_lightning.model import ArchConfig, RouterConfig
-from emo_lightning.optim import OptimConfig
-
-# our checkpoints' only non-tensor objects: the typed configs (hyper-parameters), allowed under weights_only
-torch.serialization.add_safe_globals([ArchConfig, RouterConfig, OptimConfig])
+from emo_lightning.checkpoint.files import CheckpointMismatchError, atomic_save
 
 _EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 _EXPERT_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
@@ -144,8 +139,7 @@ def load_local_weights(model: nn.Module, path: str | Path, prefix: str = "model.
 def consolidate(path: str | Path, out: str | Path) -> Path:
     """Write :func:`consolidated_state` of the checkpoint directory ``path`` to the file ``out``."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(consolidated_state(path), out)
+    atomic_save(consolidated_state(path), out)
     return out
 
 
