@@ -17,9 +17,8 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from emo_lightning.model import ArchConfig, GlobalLoadBalance, ModelConfig, RouterConfig
+from emo_lightning.model import ArchConfig, GlobalLoadBalance, ModelConfig, RouterConfig, objective
 from emo_lightning.optim import OptimConfig, build_optimizer
 from emo_lightning.parallel import build_expert_parallel_model
 from emo_lightning.parallel.cost import Layout, estimate
@@ -54,7 +53,7 @@ class LossModel(torch.nn.Module):
     def forward(self, ids: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
         self.balance.reset()
         out = self.model(ids, doc, balance=self.balance)
-        return F.cross_entropy(out.logits.flatten(0, 1).float(), ids.roll(-1, 1).flatten()) + out.aux_loss
+        return objective(out.logits, ids.roll(-1, 1), out.aux_loss)[0]  # next token (memory only: no masking)
 
 
 def main() -> None:

@@ -16,10 +16,11 @@ from emo_lightning.model import FULL, IGNORE_INDEX, EMOTransformer, Routing, tok
 
 @dataclass
 class DocLosses:
-    """Summed next-token cross-entropy and scored target count of every document."""
+    """Summed next-token cross-entropy and scored target count of every document, and the expert load."""
 
     loss_sum: torch.Tensor  # (D,) float64
     tokens: torch.Tensor  # (D,) long
+    counts: torch.Tensor | None = None  # (L,E') float64 token-slot assignments summed over every batch
 
 
 def document_losses(
@@ -39,16 +40,19 @@ def document_losses(
     n_docs = len(docs)
     loss_sum = torch.zeros(n_docs, dtype=torch.float64)
     tokens = torch.zeros(n_docs, dtype=torch.long)
+    counts = None
     for b, out in forward_documents(model, docs, batches, routing, pad_id, progress, desc):
         scored = (b.labels != IGNORE_INDEX) & (b.doc_index >= 0)
         if score_from > 0:
             scored &= b.doc_pos >= score_from
-        ce = token_cross_entropy(out.logits, b.labels)  # (B*S,)
+        ce = token_cross_entropy(out.logits, b.labels.to(out.logits.device)).double().cpu()  # (B*S,)
         flat = scored.flatten()
         index = b.doc_index.flatten()[flat]
-        loss_sum.index_add_(0, index, ce[flat].double())
+        loss_sum.index_add_(0, index, ce[flat])
         tokens.index_add_(0, index, torch.ones_like(index))
-    return DocLosses(loss_sum, tokens)
+        load = torch.stack([lr.counts for lr in out.layers]).double()  # (L,E')
+        counts = load if counts is None else counts + load
+    return DocLosses(loss_sum, tokens, None if counts is None else counts.cpu())
 
 
 def domain_table(docs: Sequence[Document], losses: DocLosses) -> dict[str, dict[str, Any]]:

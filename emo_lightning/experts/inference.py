@@ -57,14 +57,12 @@ def forward_documents(
     desc: str = "forward",
     **kwargs: Any,
 ) -> Iterator[tuple[DocBatch, ModelOutput]]:
-    """Every packed batch of ``docs`` through ``model`` under ``routing`` (``kwargs``: of the model's forward,
-    e.g. ``return_routes``). The model decides every pool; causal pools come from :func:`prefix_pools`."""
+    """Every packed batch of ``docs`` through ``model`` on its device under ``routing`` (``kwargs``: of the model's
+    forward, e.g. ``return_routes``). The model decides every pool; causal pools come from :func:`prefix_pools`."""
+    dev = model.lm_head.weight.device
     with model.routing(routing):
-        pools = (
-            prefix_pools(model, docs, routing.prefix, routing.pool, pad_id)
-            if routing.kind == "causal"
-            else None
-        )
+        causal = routing.kind == "causal"
+        pools = prefix_pools(model, docs, routing.prefix, routing.pool, pad_id) if causal else None
         for b in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-            allowed = None if pools is None else causal_allowed(pools, b)
-            yield b, model(b.input_ids, b.doc_ids, allowed=allowed, **kwargs)
+            allowed = None if pools is None else causal_allowed(pools, b).to(dev)
+            yield b, model(b.input_ids.to(dev), b.doc_ids.to(dev), allowed=allowed, **kwargs)
