@@ -56,7 +56,7 @@ def contingency(labels: np.ndarray, clusters: np.ndarray) -> Tensor:
 def purity(labels: np.ndarray, clusters: np.ndarray) -> float:
     """Fraction of tokens whose cluster's majority label is their own label."""
     table = contingency(labels, clusters)
-    return float(table.max(0).values.sum() / table.sum())
+    return int(table.max(0).values.sum()) / int(table.sum())
 
 
 def nmi(labels: np.ndarray, clusters: np.ndarray) -> float:
