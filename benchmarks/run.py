@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import data_loader, expert_usage_overhead, moe_layer, router, scaling, train_step
-from benchmarks.timing import Row, device, loadavg, machine
+from benchmarks.timing import CLOCKS, Row, device, loadavg, machine, set_clock
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHMARKS = {
@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="tiny sizes, 1-2 repeats: a smoke run of every benchmark (CI)"
     )
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    ap.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="CPU timings by wall time or by process CPU time (cpu: steadier on a machine shared with other jobs)",
+    )
     args = ap.parse_args(argv)
     only = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in only if n not in BENCHMARKS]
@@ -58,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in BENCHMARKS if not only or n in only]  # suite order: data_loader after train_step
 
     dev = device()
+    set_clock(args.clock)
     torch.manual_seed(0)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result: dict = {
         "timestamp": stamp,
         "quick": args.quick,
+        "clock": args.clock,
         "device": str(dev),
         "machine": machine(),
         "load_at_start": loadavg(),

@@ -92,10 +92,21 @@ def _expert_param(name: str) -> tuple[str, str] | None:
     return (f"{_stack_prefix(head)}.{tail}", tail) if sep else None
 
 
+def checkpointed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of ``model``, by module path: its parameters and persistent buffers (a router's
+    selection bias; not the RoPE tables). Expert stacks keep their module names (not DeepSpeed's per-expert keys)."""
+    out = dict(model.named_parameters())
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf
+    return out
+
+
 @torch.no_grad()
 def load_local_weights(model: nn.Module, path: str | Path, prefix: str = "model.") -> None:
-    """Load a one-file checkpoint's weights (``state_dict`` keys ``prefix`` + one-process names) into ``model``,
-    a rank-local expert-parallel transformer, reading only what the rank holds.
+    """Load a one-file checkpoint's weights and buffers (``state_dict`` keys ``prefix`` + one-process names) into
+    ``model``, a rank-local expert-parallel transformer, reading only what the rank holds.
 
     The file is memory-mapped: dense tensors are copied whole, of every expert stack ``(E',...)`` only the slice
     of this rank's experts (global ids ``local.expert_offset ..``) is read. Missing keys, unexpected keys and
@@ -112,7 +123,7 @@ def load_local_weights(model: nn.Module, path: str | Path, prefix: str = "model.
     }
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     problems, used = [], set()
-    for name, param in model.named_parameters():
+    for name, param in checkpointed_tensors(model).items():
         expert = _expert_param(name)
         key = expert[0] if expert else name
         src = source.get(key)

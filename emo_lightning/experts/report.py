@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from emo_lightning.checkpoint import LoadedModel, atomic_write_text, load_model
+from emo_lightning.errors import UserError
 from emo_lightning.experts.clustering import cluster_tokens, router_features
 from emo_lightning.experts.documents import (
     DocBatch,
@@ -170,6 +171,14 @@ def run_report(
     tok = DocumentTokenizer(tokenizer)
     docs = load_documents(data, tok)
     calib, evals = split_documents(docs, cfg.n_calib, cfg.n_eval, cfg.seed)
+    short = {d: len(calib[d]) + len(evals[d]) for d in evals if not evals[d] or len(calib[d]) < max(cfg.shots)}
+    if short:  # a rise needs evaluation documents, an s-shot subset s calibration documents of its own
+        need = max(cfg.shots) + 1
+        raise UserError(
+            f"--data {data}: too few documents in {', '.join(f'{d} ({n})' for d, n in short.items())}: each "
+            f"domain needs {need} ({max(cfg.shots)} to calibrate, at least 1 to evaluate)",
+            "add documents, lower --shots / --calib-docs, or leave those domains out",
+        )
     paths = {"emo": emo, "standard": baseline}
     if only is not None and only not in paths:
         raise ValueError(f"only must be 'emo' or 'standard', got {only!r}")
