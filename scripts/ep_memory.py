@@ -29,11 +29,15 @@ GB = 1e9
 MICRO_BATCH, SEQ, BUCKET = 4, 256, 50_000_000
 CONFIGS = {
     "study": ModelConfig(
-        arch=ArchConfig(vocab_size=4096, d_model=512, n_layers=4, n_heads=8, expert_hidden=512, max_seq_len=SEQ),
+        arch=ArchConfig(
+            vocab_size=4096, d_model=512, n_layers=4, n_heads=8, expert_hidden=512, max_seq_len=SEQ
+        ),
         router=RouterConfig(kind="emo", num_experts=32, num_shared=1, top_k=4),
     ),
     "small": ModelConfig(
-        arch=ArchConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, expert_hidden=512, max_seq_len=SEQ),
+        arch=ArchConfig(
+            vocab_size=4096, d_model=256, n_layers=4, n_heads=4, expert_hidden=512, max_seq_len=SEQ
+        ),
         router=RouterConfig(kind="emo", num_experts=32, num_shared=1, top_k=4),
     ),
 }

@@ -171,7 +171,9 @@ def run_report(
     tok = DocumentTokenizer(tokenizer)
     docs = load_documents(data, tok)
     calib, evals = split_documents(docs, cfg.n_calib, cfg.n_eval, cfg.seed)
-    short = {d: len(calib[d]) + len(evals[d]) for d in evals if not evals[d] or len(calib[d]) < max(cfg.shots)}
+    short = {
+        d: len(calib[d]) + len(evals[d]) for d in evals if not evals[d] or len(calib[d]) < max(cfg.shots)
+    }
     if short:  # a rise needs evaluation documents, an s-shot subset s calibration documents of its own
         need = max(cfg.shots) + 1
         raise UserError(

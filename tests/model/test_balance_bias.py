@@ -43,7 +43,9 @@ def _reference_routes(router: Router, h: torch.Tensor, doc: torch.Tensor, scope:
     b, s, _ = h.shape
     logits = (h.reshape(b * s, -1) @ router.weight.T).double()  # (N,E')
     bias = router.expert_bias.double()
-    pool_size = router.pool_eval if router.kind == "emo" and router.pool_eval is not None else router.num_routed
+    pool_size = (
+        router.pool_eval if router.kind == "emo" and router.pool_eval is not None else router.num_routed
+    )
     experts, weights = [], []
     flat_doc = doc.reshape(-1)
     row = torch.arange(b * s) // s
