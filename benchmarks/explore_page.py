@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from emo_lightning.experts.checkpoint import save_checkpoint
+from emo_lightning.checkpoint import save_checkpoint
 from emo_lightning.experts.explore import ExploreConfig, explore
 from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterConfig
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -27,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import normalized_mutual_info_score
 from tqdm.auto import tqdm
 
+from emo_lightning.checkpoint import LoadedModel, atomic_write_text, load_model
 from emo_lightning.errors import UserError
-from emo_lightning.experts.clustering import purity, router_features, spherical_kmeans
+from emo_lightning.experts.clustering import nmi, purity, router_features, spherical_kmeans
 from emo_lightning.experts.documents import (
     DocBatch,
     Document,
@@ -42,12 +40,7 @@ from emo_lightning.experts.documents import (
 )
 from emo_lightning.experts.routes import iter_routes
 from emo_lightning.experts.selection import layerwise_subset, parse_keep
-from emo_lightning.model import EMOTransformer
-
-# Moving with issue 23 (checkpoint loading -> emo_lightning.checkpoint, routing modes -> emo_lightning.model):
-# re-point these two imports only.
-from emo_lightning.experts.checkpoint import LoadedModel, load_model  # isort: skip
-from emo_lightning.experts.routing import FULL, Routing  # isort: skip
+from emo_lightning.model import FULL, EMOTransformer, Routing
 
 PAGE = "explore_page"  # package folder of the template, style sheet and script
 ROLES = ("emo", "baseline")  # --emo / --baseline; report.json names them "emo" / "standard"
@@ -254,7 +247,7 @@ def model_view(
         assign[layer] = fit.assign(f)
         layers.append(
             {
-                "nmi": round(float(normalized_mutual_info_score(domain, assign[layer])), 4),
+                "nmi": round(nmi(domain, assign[layer]), 4),
                 "purity": round(purity(domain, assign[layer]), 4),
                 "clusters": _cluster_summaries(assign[layer], domain, ids, k, d_count, tok.decode),
             }
@@ -414,21 +407,6 @@ def _read_report(report_dir: str | Path | None) -> tuple[dict[str, Any] | None, 
     return report, str(report_dir)
 
 
-def write_atomic(path: str | Path, text: str) -> int:
-    """Write ``text`` to ``path`` through a temporary file beside it and a rename; returns the size in bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path.stat().st_size
-
-
 def explore(
     emo: str | Path,
     data: str | Path,
@@ -451,7 +429,8 @@ def explore(
         models["baseline"] = load_model(baseline)
     tok = DocumentTokenizer(tokenizer)
     payload = build_payload(models, data, tok, cfg, report_dir, progress)
-    size = write_atomic(out, render_page(payload))
+    atomic_write_text(out, render_page(payload))
+    size = Path(out).stat().st_size
     return {
         "bytes": size,
         "docs": len(payload["docs"]),

@@ -21,18 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from emo_lightning.experts.checkpoint import load_model
+from emo_lightning.checkpoint import CheckpointWriteError, load_model
 from emo_lightning.experts.cli import main
 from emo_lightning.experts.clustering import spherical_kmeans
 from emo_lightning.experts.documents import Document, DocumentTokenizer, load_documents
-from emo_lightning.experts.explore import (
-    ExploreConfig,
-    build_payload,
-    pick_documents,
-    unpack_array,
-    write_atomic,
-)
-from emo_lightning.experts.routing import parse_routing
+from emo_lightning.experts.explore import ExploreConfig, build_payload, pick_documents, unpack_array
+from emo_lightning.model import FULL, parse_routing
 from tests.experts.conftest import TEXTS, TOKENIZER, tiny_model, write_checkpoint
 
 TRICKY = 'Ça va? Déjà vu 😀 </script><script>alert(1)</script> __JS__ <b>bold</b> & "quotes"'
@@ -80,7 +74,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     main([*report, "--cluster-tokens", "100", "--out", str(root / "report"), *common])
     page = root / "page.html"
     explore = ["explore", "--emo", str(emo), "--baseline", str(std), "--data", str(docs), "--out", str(page)]
-    main([*explore, "--clusters", "4", "--keep", f"{KEEP},0.67", "--report", str(root / "report"), *common])
+    main([*explore, "--clusters", "8", "--keep", f"{KEEP},0.67", "--report", str(root / "report"), *common])
     return {"root": root, "emo": emo, "std": std, "docs": docs, "page": page, "data": payload_of(page)}
 
 
@@ -129,10 +123,9 @@ def test_routes_are_the_models_own(built: dict[str, Any]) -> None:
     off = _offsets(built["data"])
     for view, path in zip(built["data"]["models"], (built["emo"], built["std"]), strict=True):
         model = load_model(path).model
-        model.set_eval_pool(None)  # routing full
         experts, weights, _ = _arrays(view)  # (T,L,k) x2
         for i, d in enumerate(built["data"]["docs"]):
-            with torch.no_grad():
+            with torch.no_grad(), model.routing(FULL):
                 out = model(torch.from_numpy(docs[d["id"]].tokens)[None], return_routes=True)
             ref_e = torch.stack([lr.experts[0] for lr in out.layers], 1).numpy()  # (S,L,k)
             ref_w = torch.stack([lr.weights[0] for lr in out.layers], 1).numpy()
@@ -147,9 +140,8 @@ def test_pools_are_the_models_pools(built: dict[str, Any]) -> None:
     payload = build_payload({"emo": lm}, built["docs"], DocumentTokenizer(TOKENIZER), cfg)
     view, docs, off = payload["models"][0], _documents(built), _offsets(payload)
     experts, _, _ = _arrays(view)
-    lm.model.set_eval_pool(3)
     for i, pools in enumerate(view["pools"]):
-        with torch.no_grad():
+        with torch.no_grad(), lm.model.routing(cfg.routing):
             out = lm.model(torch.from_numpy(docs[payload["docs"][i]["id"]].tokens)[None], return_routes=True)
         for layer, pool in enumerate(pools):
             assert pool == out.layers[layer].pool_mask[0, 0].nonzero().flatten().tolist()
@@ -214,17 +206,17 @@ def test_clusters_and_usage_match_the_routes(built: dict[str, Any]) -> None:
                 np.testing.assert_allclose(view["usage"][layer][d], share, atol=1e-5)
 
 
-def test_spherical_kmeans_assigns_unsampled_tokens_to_the_nearest_centre() -> None:
+def test_spherical_kmeans_assigns_every_token() -> None:
+    """Tokens left out of the fitted sample join the cluster of their own group's sampled tokens."""
     rng = np.random.default_rng(0)
-    centres = rng.normal(size=(3, 6)) * 5
-    feats = np.concatenate([c + rng.normal(size=(40, 6)) for c in centres])
+    centres = rng.dirichlet(np.ones(8), size=3) * 4
+    feats = np.concatenate([c + rng.normal(0, 0.02, (40, 8)) for c in centres]).astype(np.float32)
     fit = spherical_kmeans(feats, k=3, max_tokens=30, seed=0)
     assign = fit.assign(feats)
     np.testing.assert_array_equal(assign[fit.sample], fit.labels)
-    nearest = (fit.embed(feats) @ fit.kmeans.cluster_centers_.T).argmax(1)  # unit vectors: max dot = nearest
-    rest = np.setdiff1d(np.arange(len(feats)), fit.sample)
-    np.testing.assert_array_equal(assign[rest], nearest[rest])
-    assert len(np.unique(assign[:40])) == 1  # the three blobs stay apart
+    groups = assign.reshape(3, 40)
+    assert all(len(set(g)) == 1 for g in groups.tolist()) and len(set(groups[:, 0])) == 3
+    assert all(len(np.setdiff1d(np.arange(g * 40, g * 40 + 40), fit.sample)) for g in range(3))  # unsampled
 
 
 def test_pick_documents_spreads_over_domains(built: dict[str, Any]) -> None:
@@ -267,16 +259,20 @@ def test_user_errors_are_one_line(
     assert list(tmp_path.glob("*.html")) == [] and list(tmp_path.glob(".*tmp")) == []
 
 
-def test_out_is_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_out_is_written_atomically(
+    built: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page that cannot be renamed into place leaves the previous page whole and no temporary file."""
     page = tmp_path / "page.html"
-    write_atomic(page, "old")
+    page.write_text("old")
 
     def broken_replace(*_: Any) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError):
-        write_atomic(page, "new")
+    argv = ["explore", "--emo", str(built["emo"]), "--data", str(built["docs"]), "--out", str(page)]
+    with pytest.raises(CheckpointWriteError, match="disk full"):
+        main([*argv, "--clusters", "2", "--keep", KEEP, "--tokenizer", str(TOKENIZER), "--no-progress"])
     assert page.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["page.html"]
 
 
@@ -372,12 +368,16 @@ def test_browser_layer_switch_recolours_tokens(browser: Browser) -> None:
 
 def test_browser_cluster_lists_its_documents(browser: Browser, built: dict[str, Any]) -> None:
     _open(browser, "clusters")
-    browser.page.select_option("#layer", "1")
-    view = built["data"]["models"][0]
-    clusters = unpack_array(view["clusters"])[1]  # (T,) layer 1
-    off = _offsets(built["data"])
-    in_docs = [{c for c in clusters[off[i] : off[i + 1]].tolist()} for i in range(len(off) - 1)]
-    c = min(range(view["k"]), key=lambda c: sum(c in s for s in in_docs))  # in the fewest documents
+    view, off = built["data"]["models"][0], _offsets(built["data"])
+    every = unpack_array(view["clusters"])  # (L,T)
+    spread = {  # (layer, cluster) -> documents holding it
+        (layer, c): sum((every[layer, off[i] : off[i + 1]] == c).any() for i in range(len(off) - 1))
+        for layer in range(view["layers"])
+        for c in range(view["k"])
+    }
+    layer, c = min(spread, key=spread.get)  # the cluster in the fewest documents
+    browser.page.select_option("#layer", str(layer))
+    clusters = every[layer]  # (T,)
     browser.page.click(f"#cluster-columns button.cluster[data-model='0'][data-cluster='{c}']")
     listed = browser.page.locator("#cluster-docs .cdoc").evaluate_all("cs => cs.map(x => +x.dataset.doc)")
     expected = [i for i in range(len(off) - 1) if (clusters[off[i] : off[i + 1]] == c).any()]
@@ -386,7 +386,7 @@ def test_browser_cluster_lists_its_documents(browser: Browser, built: dict[str, 
     for i, text in zip(listed, counts, strict=True):
         assert text == f"{int((clusters[off[i] : off[i + 1]] == c).sum())} of {off[i + 1] - off[i]} tokens"
     marks = browser.page.locator("#cluster-docs .tok").evaluate_all(
-        "s => s.map(x => [x.classList.contains('hl'), +x.dataset.clusters.split(',')[1]])"
+        "(s, l) => s.map(x => [x.classList.contains('hl'), +x.dataset.clusters.split(',')[l]])", layer
     )
     assert marks and all(hl == (cl == c) for hl, cl in marks)
     assert sum(hl for hl, _ in marks) == int((clusters == c).sum())
