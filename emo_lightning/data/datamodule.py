@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from data_tools.manifest import Manifest
 from emo_lightning.data.dataset import PackedShardDataset
-from emo_lightning.data.shards import expand_shards, load_manifest, shard_tokens
+from emo_lightning.data.shard_reader import expand_shards, load_manifest, shard_tokens
 from emo_lightning.errors import ConfigError, UserError
 
 

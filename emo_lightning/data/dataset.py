@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from emo_lightning.data.packing import Batch, Packer
-from emo_lightning.data.shards import read_shard
+from emo_lightning.data.shard_reader import read_shard
 
 TensorBatch = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from data_tools.errors import UserError
 from data_tools.manifest import FORMAT_VERSION, Manifest
 from data_tools.shards import build_shards, token_dtype
 from data_tools.tokenizer import file_sha256, load_tokenizer
-from emo_lightning.data.shards import read_shard
+from emo_lightning.data.shard_reader import read_shard
 
 
 def test_manifest(shards: Path, corpus: tuple[list[Path], list[dict]], tokenizer_path: Path) -> None:

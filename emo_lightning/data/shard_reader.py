@@ -1,4 +1,7 @@
-"""Locating and reading shards: shard specs, manifests (local or any WebDataset URL), tar streaming."""
+"""Locating and reading tokenised shards: shard specs, manifests (local or any WebDataset URL), tar streaming.
+
+The writer is ``data_tools.shards``; the on-disk format is defined once, in ``data_tools.manifest``.
+"""
 
 from __future__ import annotations
 
