@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from data_tools.build import build_shards
 from data_tools.cli import main
-from data_tools.jsonl import InputError
 from data_tools.manifest import Manifest
-from data_tools.shards import build_shards
+from data_tools.records import InputError
 
 GOOD = b'{"id": "a", "domain": "math", "text": "One plus one is two."}\n'
 GOOD2 = b'{"id": "b", "domain": "code", "text": "def f():\\n    return 2"}\n'

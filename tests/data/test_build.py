@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
+from data_tools.build import build_shards
 from data_tools.cli import main
 from data_tools.errors import UserError
 from data_tools.manifest import FORMAT_VERSION, Manifest
-from data_tools.shards import build_shards, token_dtype
+from data_tools.shards import token_dtype
 from data_tools.tokenizer import file_sha256, load_tokenizer
 from emo_lightning.data.shard_reader import read_shard
 
