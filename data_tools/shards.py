@@ -247,6 +247,7 @@ def prepare_output(config: BuildConfig, tokenizer_path: str, overwrite: bool) ->
         out.exists(*plan_file) and json.loads(out.read_text(*plan_file)).get("fingerprint") == fingerprint
     )
     if same_plan and not overwrite:
+        out.remove(posixpath.join(BUILD_DIR, "manifest"))  # its task must run again: no manifest.json yet
         return True
     for pattern in ("shard-*.tar", MANIFEST_NAME, BUILD_DIR):
         out.remove(pattern)
