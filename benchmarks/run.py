@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import data_loader, moe_layer, router, scaling, train_step
+from benchmarks import data_build, data_loader, moe_layer, router, scaling, train_step
 from benchmarks.timing import Row, device, loadavg, machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -30,6 +30,7 @@ BENCHMARKS = {
     "train_step": train_step.run,
     "data_loader": data_loader.run,
     "scaling": scaling.run,
+    "data_build": data_build.run,
 }
 
 

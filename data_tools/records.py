@@ -175,6 +175,8 @@ DEFAULT_FIELDS = Fields()
 
 def _check_str(value: str, name: str) -> str | None:
     """An error detail if ``value`` is not encodable text (a lone surrogate from a JSON ``\\ud800`` escape)."""
+    if value.isascii():  # the common case, without encoding the text
+        return None
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:

@@ -268,8 +268,8 @@ def _encode(
 ) -> list[list[int] | None]:
     """Encode a batch; on a tokenizer failure, find the culprit record and report its line."""
     texts = [r.text for r in batch]
-    try:
-        return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    try:  # the same ids as encode_batch, without computing character offsets
+        return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
     except Exception:
         out: list[list[int] | None] = []
         for r in batch:
@@ -319,7 +319,8 @@ def tokenize_file(
                 fidx.write("\n")
                 result.docs += 1
                 result.tokens += len(arr)
-                result.text_bytes += len(record.text.encode("utf-8"))
+                text = record.text
+                result.text_bytes += len(text) if text.isascii() else len(text.encode("utf-8"))
 
         batch: list[Record] = []
         records = read_records(file.path, on_error, result.skips, progress, config.fields, file.size)
@@ -341,25 +342,34 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 
 class _ShardWriter:
-    """Writes samples into the task's ``shard-*.tar`` files of about ``shard_size`` tokens."""
+    """Writes samples into the task's ``shard-*.tar`` files of about ``shard_size`` tokens.
+
+    Each member is a ``TarInfo.tobuf`` header, the data and its zero padding; the archive ends as ``tarfile``
+    ends it (two zero blocks, padded to a record), so the bytes are those ``tarfile.addfile`` writes. Framed
+    here because ``addfile`` copies every ``TarInfo`` and keeps all of them in memory (3 per document),
+    which is a third of the shard-writing time.
+    """
 
     def __init__(self, out: Output, task: int, tasks: int, shard_size: int) -> None:
         self.out, self.task, self.tasks, self.shard_size = out, task, tasks, shard_size
         self.shards: list[ShardInfo] = []
         self.file: Any = None
-        self.tar: tarfile.TarFile | None = None
+        self.written = 0  # bytes of the open shard
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), 0, 0o444
-        assert self.tar is not None
-        self.tar.addfile(info, io.BytesIO(data))
+        pad = -len(data) % tarfile.BLOCKSIZE
+        self.file.write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+        self.file.write(data)
+        self.file.write(b"\0" * pad)
+        self.written += tarfile.BLOCKSIZE + len(data) + pad
 
     def write(self, key: str, tokens: np.ndarray, domain: str, doc_id: str) -> None:
-        if self.tar is None:
+        if self.file is None:
             name = shard_name(self.task, len(self.shards), self.tasks)
             self.file = self.out.fs.open(self.out.path(name), "wb")
-            self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+            self.written = 0
             self.shards.append(ShardInfo(name=name, docs=0, tokens=0, domains={}))
         self._add(f"{key}.{DOMAIN_EXT}", domain.encode("utf-8"))
         self._add(f"{key}.{ID_EXT}", doc_id.encode("utf-8"))
@@ -374,10 +384,11 @@ class _ShardWriter:
             self.close()
 
     def close(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
+        if self.file is not None:
+            end = self.written + 2 * tarfile.BLOCKSIZE  # end-of-archive marker, then pad to a whole record
+            self.file.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
             self.file.close()
-            self.tar = self.file = None
+            self.file = None
 
 
 def _key(doc_id: str, used: set[str]) -> str:
