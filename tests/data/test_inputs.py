@@ -109,6 +109,19 @@ def test_domain_from_path_and_folders(corpus, tokenizer_path: Path, tmp_path: Pa
     assert not (tmp_path / "o2").exists()  # checked before any work
 
 
+@pytest.mark.parametrize(
+    ("regex", "domain"),
+    [
+        (r"/(?P<lang>[a-z]{2})/(?P<domain>[a-z]+)/", "web"),  # the group named domain
+        (r"data/([a-z]+)/([a-z]+)/", "en"),  # else the first group
+        (r"[a-z]+(?=/part)", "web"),  # else the whole match
+        (r"(x?)/part", "unknown"),  # an empty match: unknown
+    ],
+)
+def test_domain_from_path_groups(regex: str, domain: str) -> None:
+    assert Fields(domain_from_path=regex).path_domain("s3://b/data/en/web/part-0.parquet") == domain
+
+
 def test_field_options_on_the_command_line(tokenizer_path: Path, tmp_path: Path, capsys) -> None:
     src = tmp_path / "in.jsonl"
     src.write_bytes(as_jsonl([{"body": "Some text.", "meta": {"src": "wiki"}, "uid": 7}]))

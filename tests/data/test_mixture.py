@@ -73,13 +73,21 @@ def test_a_domain_without_weight_is_not_trained_on(shards: Path) -> None:
     assert got[2] == 0 and np.abs(got - [0.25, 0.25, 0, 0.5]).max() < TOLERANCE
 
 
-@pytest.mark.parametrize(("workers", "skips"), [(0, (5, 9)), (2, (4, 7))])
+@pytest.mark.parametrize(("workers", "skips"), [(0, (5, 21, 33, 50)), (2, (4, 27, 45))])
 def test_resume_stays_exact(shards: Path, workers: int, skips: tuple[int, ...]) -> None:
     """Skipping k batches gives the uninterrupted stream's tail (the mixture's running totals are replayed
     from the manifest counts), also across chunk boundaries and DataLoader workers."""
     ds = make_dm(shards).train_dataset()
     ds.chunk_batches = 3
-    n = 14
+    n = 60
+    plans = ds.chunk_plans(0)
+    sizes = [next(plans)[1] for _ in range(4)]
+    assert sum(sizes[:2]) < n // max(workers, 1)  # the window spans 3+ chunks of each worker's stream
+    assert any(
+        keep is not None and len(keep) < 4
+        for picks, _ in [next(plans) for _ in range(8)]
+        for _, keep in picks
+    )
     full = take(DataLoader(ds, batch_size=None, num_workers=workers), n)
     for k in skips:
         resumed = copy.copy(ds)
