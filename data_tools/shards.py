@@ -341,13 +341,51 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _ustar_template() -> tuple[bytes, int]:
+    """The ustar header of an empty-named, empty regular file (mode 0444, mtime 0, root) with blank name, size
+    and checksum fields, and the byte sum of what stays: the checksum of a header is that plus its name and
+    size bytes."""
+    info = tarfile.TarInfo("")
+    info.mtime, info.mode = 0, 0o444
+    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+    header[124:136] = bytes(12)  # size
+    header[148:156] = b" " * 8  # checksum, counted as spaces
+    return bytes(header), sum(header)
+
+
+_USTAR, _USTAR_SUM = _ustar_template()
+
+
+def _header(name: str, size: int) -> bytes:
+    """``tarfile.TarInfo(name).tobuf(USTAR_FORMAT)`` of a member of ``size`` bytes (mode 0444, mtime 0), byte for
+    byte, in a few microseconds instead of ~20 (the shards' tests compare with ``tarfile``)."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or not name.isascii():
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o444
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    size_field = b"%011o\0" % size
+    chksum = _USTAR_SUM + sum(raw) + sum(size_field)
+    return b"".join(
+        (
+            raw,
+            bytes(100 - len(raw)),
+            _USTAR[100:124],
+            size_field,
+            _USTAR[136:148],
+            b"%06o\0 " % chksum,
+            _USTAR[156:],
+        )
+    )
+
+
 class _ShardWriter:
     """Writes samples into the task's ``shard-*.tar`` files of about ``shard_size`` tokens.
 
-    Each member is a ``TarInfo.tobuf`` header, the data and its zero padding; the archive ends as ``tarfile``
-    ends it (two zero blocks, padded to a record), so the bytes are those ``tarfile.addfile`` writes. Framed
-    here because ``addfile`` copies every ``TarInfo`` and keeps all of them in memory (3 per document),
-    which is a third of the shard-writing time.
+    Each member is a ustar header, the data and its zero padding; the archive ends as ``tarfile`` ends it (two
+    zero blocks, padded to a record): the bytes are those ``tarfile.addfile`` writes. Framed here because
+    ``tarfile``'s generic header code and ``addfile`` (which copies every ``TarInfo`` and keeps all of them in
+    memory, 3 per document) took a fifth of a one-process build of short documents.
     """
 
     def __init__(self, out: Output, task: int, tasks: int, shard_size: int) -> None:
@@ -357,13 +395,12 @@ class _ShardWriter:
         self.written = 0  # bytes of the open shard
 
     def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o444
         pad = -len(data) % tarfile.BLOCKSIZE
-        self.file.write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+        header = _header(name, len(data))
+        self.file.write(header)
         self.file.write(data)
         self.file.write(b"\0" * pad)
-        self.written += tarfile.BLOCKSIZE + len(data) + pad
+        self.written += len(header) + len(data) + pad
 
     def write(self, key: str, tokens: np.ndarray, domain: str, doc_id: str) -> None:
         if self.file is None:
