@@ -15,7 +15,7 @@ SHARED_CORPUS ?= ../shared/corpus
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 .PHONY: install data data-shared train train-baseline test lint format tensorboard bench clean help smoke-distributed \
-	gpu-check gpu-scale-probe gpu-scale-probe-prepare
+	gpu-check gpu-scale-probe gpu-prepare gpu-scale-probe-prepare
 
 help:
 	@echo "make install         create $(VENV) (torch pinned to $(TORCH_VERSION)) and install emo-lightning"
@@ -29,7 +29,7 @@ help:
 	@echo "make bench           CPU benchmarks (ratios side by side)"
 	@echo "make gpu-check       check and measure the CUDA path in < 8 min (CPU: a short dry run)"
 	@echo "make gpu-scale-probe standard MoE vs EMO at ~50M tokens each on one GPU in < 8 min (CPU: a short dry run)"
-	@echo "make gpu-scale-probe-prepare  wheels (.whl/) and a corpus copy (.scale_probe/) to carry to a bare GPU node"
+	@echo "make gpu-prepare     wheels (.whl/) and a corpus copy (.scale_probe/) to carry to a bare GPU node"
 
 install: $(VENV)/.installed
 
@@ -86,8 +86,9 @@ bench: install data
 	$(BIN)/python -m benchmarks.run
 
 # The CUDA path checked and measured in one run (< 8 min on one GPU; a short dry run on a CPU); exits non-zero on
-# a failed check. No install step: on an air-gapped GPU node it runs with the node's python3 and torch
-# (GPU_CHECK_PYTHON=python3; docs/performance.md). GPU_CHECK_ARGS='--out DIR', '--dry', '--only correctness'.
+# a failed check. No install step: on an air-gapped GPU node it runs with the node's python3 and torch plus the
+# wheels of `make gpu-prepare` (GPU_CHECK_PYTHON=python3; docs/performance.md). GPU_CHECK_ARGS='--out DIR', '--dry',
+# '--only correctness'.
 GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_CHECK_ARGS ?=
 
@@ -104,14 +105,20 @@ gpu-scale-probe:
 	$(GPU_CHECK_PYTHON) -m benchmarks.scale_probe $(SCALE_PROBE_ARGS)
 
 # What a bare GPU node (torch, lightning, torchmetrics, tensorboard, tokenizers; no network) needs besides the
-# repository: the pure-Python wheels of webdataset and braceexpand, and a copy of the research-only corpus inside
-# the tree, ignored by git (both are carried to the node: docs/performance.md, "Scale probe").
-gpu-scale-probe-prepare: | install
+# repository: the pure-Python wheels of the presets' parser (jsonargparse, its docstring/typeshed helpers, omegaconf)
+# and of webdataset and braceexpand, and (scale probe) a copy of the research-only corpus inside the tree, ignored by
+# git. Both are carried to the node (docs/performance.md, "Running on a GPU node").
+GPU_WHEELS := jsonargparse==4.53.0 docstring_parser==0.18.0 typeshed_client==2.15.0 omegaconf==2.4.0 \
+	webdataset==1.0.2 braceexpand==0.1.7
+
+gpu-prepare: | install
 	mkdir -p .whl
-	$(BIN)/pip download --quiet --no-deps --only-binary=:all: -d .whl webdataset==1.0.2 braceexpand==0.1.7
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: -d .whl $(GPU_WHEELS)
 	chmod -R u+w .scale_probe 2>/dev/null; rm -rf .scale_probe/corpus && mkdir -p .scale_probe/corpus
 	cp -r $(SHARED_CORPUS)/train $(SHARED_CORPUS)/val .scale_probe/corpus/ && chmod -R u+w .scale_probe
 	@du -sh .whl .scale_probe/corpus
+
+gpu-scale-probe-prepare: gpu-prepare
 
 clean:
 	rm -rf $(SHARDS) runs .pytest_cache
@@ -128,7 +135,7 @@ smoke-distributed: install data
 	rm -rf $(SMOKE)
 	$(BIN)/emo fit $(SMOKE_ARGS) --trainer.max_steps 5
 	$(BIN)/emo fit $(SMOKE_ARGS) --trainer.max_steps 7 --ckpt_path last
-	$(BIN)/python -m emo_lightning.parallel.checkpoint $(SMOKE)/checkpoints/last.ckpt $(SMOKE)/consolidated.ckpt \
+	$(BIN)/python -m emo_lightning.checkpoint.deepspeed $(SMOKE)/checkpoints/last.ckpt $(SMOKE)/consolidated.ckpt \
 		--expect-step 7
 	@echo "smoke-distributed: OK"
 

@@ -14,14 +14,14 @@ import time
 import torch
 
 from benchmarks.timing import Row, num_threads
-from benchmarks.train_step import REPO, build_model, load_batches, make_step, tiny_configs
+from benchmarks.train_step import REPO, build_model, load_batches, make_step, tiny_presets
 
 
 def loader_tokens_per_s(workers: int, batches: int, rounds: int) -> tuple[list[float], float]:
     """Tokens/s of ``rounds`` consecutive spans of ``batches`` batches each, and the first-batch latency."""
     from emo_lightning.data import ShardDataModule
 
-    _, _, _, _, data = tiny_configs()
+    data = tiny_presets()["emo"].data
     b, s = data["batch_size"], data["seq_len"]
     dm = ShardDataModule(
         str(REPO / data["train_shards"]),
@@ -47,9 +47,10 @@ def loader_tokens_per_s(workers: int, batches: int, rounds: int) -> tuple[list[f
 
 def step_tokens_per_s(dev: torch.device) -> float:
     """A short measurement of the EMO tiny training step (when ``train_step`` did not run)."""
-    arch, emo, _, optim, data = tiny_configs()
+    preset = tiny_presets()["emo"]
+    data = preset.data
     batches, _ = load_batches(data, 4, dev)
-    step = make_step(build_model(arch, emo, False, dev), optim, batches)
+    step = make_step(build_model(preset.model, False, dev), preset, batches)
     with num_threads(1):
         step()
         times = []
@@ -64,7 +65,7 @@ def run(
     quick: bool = False, dev: torch.device | None = None, consumption: float | None = None
 ) -> tuple[list[Row], dict]:
     dev = dev or torch.device("cpu")
-    _, _, _, _, data = tiny_configs()
+    data = tiny_presets()["emo"].data
     if not (REPO / data["train_shards"] / "manifest.json").exists():
         return [
             Row(
@@ -78,7 +79,7 @@ def run(
     source = "train_step (EMO, 1 thread)"
     if consumption is None:
         consumption, source = step_tokens_per_s(dev), "measured here (EMO, 1 thread, 3 steps)"
-    batches, rounds = (30, 3) if quick else (100, 5)
+    batches, rounds = (3, 1) if quick else (100, 5)
     details: dict = {
         "consumption_tokens_per_s": round(consumption),
         "consumption_source": source,

@@ -11,10 +11,13 @@ A low-noise cross-check is reported as well, all in CPU time: the time spent ins
 amortised over its interval (runs shorter than the image interval never draw one), and the forward cost of the
 routes (min over interleaved repeats), over the baseline step.
 
-Batches are synthetic but follow the batch contract: packed documents of log-normal length (median
-``--doc-len``), each of one of 8 domains, tokens drawn from a per-domain vocabulary slice.
+Batches are synthetic but follow the batch contract (``benchmarks.inputs``): packed documents of log-normal
+length (median ``--doc-len``), each of one of 8 domains, tokens drawn from a per-domain vocabulary slice.
 
-    .venv/bin/python benchmarks/expert_usage_overhead.py [--steps 150 --pairs 3 --threads 1 --router emo]
+    .venv/bin/python -m benchmarks.expert_usage_overhead [--steps 150 --pairs 3 --threads 1 --router emo]
+
+``make bench`` runs it (``run``) with 40 steps and 1 pair (the module's own defaults are the study's, ~10 min);
+``--quick`` a few steps.
 """
 
 from __future__ import annotations
@@ -33,42 +36,15 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from benchmarks.train_step import tiny_configs
+from benchmarks.inputs import synthetic_batches
+from benchmarks.timing import Row
+from benchmarks.train_step import tiny_presets
 from emo_lightning.callbacks import ExpertUsageMonitor
 from emo_lightning.lit_module import EMOLitModule
 from emo_lightning.model import EMOTransformer, ModelConfig, RouterConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ["biomedical", "code", "forum", "law", "math", "news", "reviews", "wiki"]
-
-
-def synthetic_batches(n: int, batch: int, seq: int, vocab: int, doc_len: float, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    slice_ = vocab // len(DOMAINS)
-    for _ in range(n):
-        doc = torch.empty(batch, seq, dtype=torch.long)
-        dom = torch.empty(batch, seq, dtype=torch.long)
-        for r in range(batch):
-            pos, i = 0, 0
-            while pos < seq:
-                length = max(
-                    1,
-                    int(
-                        torch.empty(1).log_normal_(
-                            mean=torch.tensor(doc_len).log().item(), std=0.8, generator=g
-                        )
-                    ),
-                )
-                end = min(seq, pos + length)
-                doc[r, pos:end] = i
-                dom[r, pos:end] = int(torch.randint(0, len(DOMAINS), (1,), generator=g))
-                pos, i = end, i + 1
-        ids = dom * slice_ + torch.randint(0, slice_, (batch, seq), generator=g)
-        labels = torch.where(doc.roll(-1, 1) == doc, ids.roll(-1, 1), -100)
-        labels[:, -1] = -100
-        out.append({"input_ids": ids, "labels": labels, "doc_ids": doc, "domain_ids": dom})
-    return out
 
 
 class Batches(L.LightningDataModule):
@@ -147,7 +123,7 @@ def image_round_seconds(monitor: ExpertUsageMonitor, log_dir: str) -> float:
     return time.process_time() - t
 
 
-def run(
+def run_fit(
     batches: list[dict], conf: tuple, steps: int, monitor: ExpertUsageMonitor | None, log_dir: str
 ) -> StepTimer:
     L.seed_everything(0, verbose=False)
@@ -180,7 +156,6 @@ def summary(
     fwd_off, fwd_on = fwd
     hook_s, img_s = statistics.median(hook_ms) / 1e3, statistics.median(image_s)
     result = {
-        "model": args.model,
         "router": router.kind,
         "batch": args.batch,
         "seq": args.seq,
@@ -211,7 +186,44 @@ def summary(
     return result
 
 
-def main() -> None:
+def measure_overhead(args: argparse.Namespace, out: Path | None = None) -> dict:
+    """A/B pairs of real fits without / with the monitor (see the module docstring); the summary dict."""
+    torch.set_num_threads(args.threads)
+    preset = tiny_presets()["emo"]
+    arch, router, optim = preset.model.arch, preset.model.router, preset.optim
+    if args.router:
+        router = replace(router, kind=args.router)
+    arch = replace(arch, max_seq_len=max(arch.max_seq_len, args.seq))
+    batches = synthetic_batches(
+        64, args.batch, args.seq, arch.vocab_size, int(args.doc_len), domains=len(DOMAINS)
+    )
+    conf = (arch, router, optim)
+    base, mon, hook_ms, image_s = [], [], [], []  # base / mon: (wall, cpu) seconds per step
+    fwd = forward_cpu_seconds(conf, batches[0], args.forward_repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in range(args.pairs):
+            monitor = ExpertUsageMonitor(image_every_n_steps=args.image_every)
+            hook = timed_hook(monitor)
+            for on in (False, True) if pair % 2 == 0 else (True, False):  # A B, B A, ...: no order bias
+                timer = run_fit(batches, conf, args.steps, monitor if on else None, tmp)
+                (mon if on else base).append(timer.mean_step(args.warmup))
+            hook_ms.append(1e3 * statistics.fmean(hook[args.warmup :]))
+            image_s.append(image_round_seconds(monitor, tmp))
+            print(
+                f"pair {pair}: wall off {1e3 * base[-1][0]:.1f} / on {1e3 * mon[-1][0]:.1f} ms/step "
+                f"(ratio {mon[-1][0] / base[-1][0]:.4f}); cpu off {1e3 * base[-1][1]:.1f} / on "
+                f"{1e3 * mon[-1][1]:.1f} ms/step (ratio {mon[-1][1] / base[-1][1]:.4f}); "
+                f"monitor hook {hook_ms[-1]:.2f} ms/step (cpu), image round {image_s[-1]:.2f} s (cpu)",
+                flush=True,
+            )
+            result = summary(args, router, monitor, base, mon, hook_ms, image_s, fwd)
+            if out is not None:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--router", choices=["emo", "standard"], default=None, help="override the router kind")
     p.add_argument("--batch", type=int, default=16)
@@ -224,38 +236,31 @@ def main() -> None:
     p.add_argument("--forward-repeats", type=int, default=10, help="repeats of the forward-only cost check")
     p.add_argument("--image-every", type=int, default=None, help="monitor image interval (default: its own)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "expert_usage_overhead.json"))
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    return p
 
-    arch, router, _, optim, _ = tiny_configs()
-    if args.router:
-        router = replace(router, kind=args.router)
-    arch = replace(arch, max_seq_len=max(arch.max_seq_len, args.seq))
-    batches = synthetic_batches(64, args.batch, args.seq, arch.vocab_size, args.doc_len)
-    conf = (arch, router, optim)
-    base, mon, hook_ms, image_s = [], [], [], []  # base / mon: (wall, cpu) seconds per step
-    fwd = forward_cpu_seconds(conf, batches[0], args.forward_repeats)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        for pair in range(args.pairs):
-            monitor = ExpertUsageMonitor(image_every_n_steps=args.image_every)
-            hook = timed_hook(monitor)
-            for on in (False, True) if pair % 2 == 0 else (True, False):  # A B, B A, ...: no order bias
-                timer = run(batches, conf, args.steps, monitor if on else None, tmp)
-                (mon if on else base).append(timer.mean_step(args.warmup))
-            hook_ms.append(1e3 * statistics.fmean(hook[args.warmup :]))
-            image_s.append(image_round_seconds(monitor, tmp))
-            print(
-                f"pair {pair}: wall off {1e3 * base[-1][0]:.1f} / on {1e3 * mon[-1][0]:.1f} ms/step "
-                f"(ratio {mon[-1][0] / base[-1][0]:.4f}); cpu off {1e3 * base[-1][1]:.1f} / on "
-                f"{1e3 * mon[-1][1]:.1f} ms/step (ratio {mon[-1][1] / base[-1][1]:.4f}); "
-                f"monitor hook {hook_ms[-1]:.2f} ms/step (cpu), image round {image_s[-1]:.2f} s (cpu)",
-                flush=True,
-            )
-            result = summary(args, router, monitor, base, mon, hook_ms, image_s, fwd)
-            out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+
+def run(quick: bool = False, dev: torch.device | None = None) -> tuple[list[Row], dict]:
+    """The suite's entry (CPU): 40 steps x 1 pair (quick: 4 steps of 2 x 64 tokens)."""
+    flags = ["--steps", "40", "--pairs", "1", "--warmup", "5"]
+    if quick:
+        flags = ["--steps", "4", "--pairs", "1", "--warmup", "1", "--batch", "2", "--seq", "64"]
+        flags += ["--forward-repeats", "1", "--image-every", "2"]
+    res = measure_overhead(build_parser().parse_args(flags))
+    note = (
+        f"components (hook + images + routes) {res['component_overhead_fraction']:.2%} of a step; "
+        f"{res['steps']} steps x {len(res['wall_ratios'])} pairs"
+    )
+    rows = [
+        Row("expert_usage", "step with / without ExpertUsageMonitor (wall)", res["median_wall_ratio"], target="<= 1.05",
+            met=res["median_wall_ratio"] <= 1.05, note=note),
+        Row("expert_usage", "step with / without ExpertUsageMonitor (CPU time)", res["median_cpu_ratio"]),
+    ]  # fmt: skip
+    return rows, res
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    print(json.dumps(measure_overhead(args, Path(args.out)), indent=1))
 
 
 if __name__ == "__main__":

@@ -15,16 +15,17 @@ Sections (docs/performance.md):
    per-document loop at 64 documents per row; the dropless MoE layer (loop and grouped GEMM) vs a dense SwiGLU of
    equal active FLOPs; peak memory.
 
-Without CUDA (or with ``--dry``) the same code runs at tiny sizes with few repeats; CUDA-only checks SKIP. Only
-torch is required: what needs another package reports ``SKIP (missing: <package>)``. Prints a table, writes
-``gpu-check-<device>-<time>.{json,md}`` and ``gpu-check-latest.{json,md}`` under ``--out`` and exits 1 when a
-check FAILs (a missed performance target is reported, never fails).
+Without CUDA (or with ``--dry``) the same code runs at tiny sizes with few repeats; CUDA-only checks SKIP. The
+models come from the conf/ presets (``emo_lightning.presets``: ``emo fit``'s parser), so besides torch, Lightning
+and torchmetrics the check needs jsonargparse, omegaconf and webdataset (``make gpu-prepare`` downloads their
+wheels for an air-gapped node); a check that cannot run for a missing package FAILs, only the DeepSpeed reference
+is optional. Prints a table, writes ``gpu-check-<device>-<time>.{json,md}`` and ``gpu-check-latest.{json,md}``
+under ``--out`` and exits 1 when a check FAILs (a missed performance target is reported, never fails).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import importlib.util
 import json
@@ -48,26 +49,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmarks.inputs import packed_doc_ids, synthetic_batches
 from benchmarks.timing import loadavg, machine, measure, package_versions, peak_memory
 from emo_lightning.model import (
-    ArchConfig,
     Attention,
     AttentionMask,
     EMOTransformer,
-    GlobalLoadBalance,
     ModelConfig,
     RoutedExperts,
     Router,
-    RouterConfig,
     flops_per_token,
     segment_positions,
 )
 from emo_lightning.model.moe import MoELayer
-from emo_lightning.optim import OptimConfig, build_optimizer
+from emo_lightning.optim import OptimConfig
+from emo_lightning.training import TrainStep
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-CONF = REPO / "conf"
 PACKAGES = (
     "lightning",
     "torchmetrics",
@@ -213,12 +212,23 @@ def repo_frame(frames: list[traceback.FrameSummary]) -> str:
     return "outside the repository"
 
 
+# references to third-party code that a GPU image may lack: not run without them (INFO), never a FAIL
+OPTIONAL = ("deepspeed",)
+
+
 def guarded(section: str, name: str, fn: Callable[..., list[Result]], *args: Any) -> list[Result]:
-    """Run one check: a missing package SKIPs it, any other exception FAILs it (with where it was raised)."""
+    """Run one check; any exception FAILs it (with where it was raised), a missing package too (a check that
+    cannot run is not a pass) unless the package is ``OPTIONAL`` (a third-party reference: INFO, not run).
+    Checks that do not apply to the device SKIP themselves."""
     try:
         return fn(*args)
     except ModuleNotFoundError as e:
-        return [skip(section, name, f"missing: {(e.name or str(e)).split('.')[0]}")]
+        missing = (e.name or str(e)).split(".")[0]
+        if missing in OPTIONAL:
+            return [Result(section, name, "INFO", note=f"not run: {missing} is not installed (optional)")]
+        return [
+            Result(section, name, "FAIL", note=f"missing: {missing} (make gpu-prepare carries the wheels)")
+        ]
     except Exception as e:
         where = repo_frame(traceback.extract_tb(e.__traceback__))
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
@@ -245,97 +255,22 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-# ---------------------------------------------------------------------------------------------------- inputs
-def packed_doc_ids(b: int, s: int, median: int, gen: torch.Generator) -> Tensor:
-    """(B,S) long: rows packed with documents of log-normal lengths (median ``median``, sigma 1, >= 8 tokens);
-    the last document of a row is cut at S, as a packer does."""
-    n = s // 8 + 1  # enough documents to fill a row
-    lengths = torch.empty(b, n).log_normal_(math.log(median), 1.0, generator=gen).clamp_(8, s).long()  # (B,n)
-    ends = lengths.cumsum(1)  # (B,n)
-    return torch.searchsorted(ends, torch.arange(s).expand(b, s).contiguous(), right=True)  # (B,S)
+# ---------------------------------------------------------------------------------------------------- models
+EXPERIMENTS = {
+    "tiny": "conf/experiment/emo_tiny.yaml",
+    "small": "conf/experiment/emo_small_gpu.yaml",
+    "small_standard": "conf/experiment/stdmoe_small_gpu.yaml",
+}
 
 
-def synthetic_batches(
-    n: int, b: int, s: int, vocab: int, median: int, dev: torch.device, seed: int = 0
-) -> list[dict[str, Tensor]]:
-    """``n`` training batches (input_ids, labels, doc_ids: (B,S)); labels -100 across document boundaries."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        doc_ids = packed_doc_ids(b, s, median, gen)
-        ids = torch.randint(0, vocab, (b, s), generator=gen)
-        same = doc_ids[:, 1:] == doc_ids[:, :-1]  # (B,S-1) next token in the same document
-        labels = torch.cat([torch.where(same, ids[:, 1:], -100), torch.full((b, 1), -100)], 1)
-        out.append({"input_ids": ids.to(dev), "labels": labels.to(dev), "doc_ids": doc_ids.to(dev)})
-    return out
+def preset_model(name: str, seq: int | None = None) -> ModelConfig:
+    """The model of a conf/ experiment (``emo fit``'s parser), ``max_seq_len`` raised to ``seq``."""
+    from emo_lightning.presets import load_preset  # Lightning, jsonargparse: the CLI's parser
 
-
-def _scalar(raw: str) -> Any:
-    """A YAML scalar: null, true/false, int, float, else the string."""
-    words = {"null": None, "true": True, "false": False}
-    if raw in words:
-        return words[raw]
-    for cast in (int, float):
-        with contextlib.suppress(ValueError):
-            return cast(raw)
-    return raw
-
-
-def flat_yaml(path: Path) -> dict[str, Any]:
-    """A flat ``key: value`` preset (conf/arch, conf/router): PyYAML if present, else a minimal reader."""
-    try:
-        import yaml
-
-        return yaml.safe_load(path.read_text())
-    except ModuleNotFoundError:
-        pairs = (line.split("#", 1)[0].split(":", 1) for line in path.read_text().splitlines())
-        return {kv[0].strip(): _scalar(kv[1].strip()) for kv in pairs if len(kv) == 2}
-
-
-def tiny_config(seq: int) -> ModelConfig:
-    """The tiny model (the config defaults: d 128, 4 layers, 16 experts with 1 shared, top-3)."""
-    return ModelConfig(arch=ArchConfig(max_seq_len=seq), router=RouterConfig())
-
-
-def small_configs() -> tuple[ModelConfig, ModelConfig]:
-    """(EMO, standard-MoE) ``emo_small``: conf/arch/small.yaml with conf/router/emo_small.yaml, and the same
-    router of kind standard (conf/experiment/stdmoe_small_gpu.yaml)."""
-    arch = ArchConfig(**flat_yaml(CONF / "arch" / "small.yaml"))
-    emo = RouterConfig(**flat_yaml(CONF / "router" / "emo_small.yaml"))
-    return ModelConfig(arch=arch, router=emo), ModelConfig(arch=arch, router=replace(emo, kind="standard"))
-
-
-class Stepper:
-    """One optimizer step with ``EMOLitModule.training_step``'s arithmetic, without Lightning: forward (bf16
-    autocast if ``amp``: Lightning's ``bf16-mixed``), CE + auxiliary losses with the step's global balance,
-    backward, clipping at 1.0, AdamW and scheduler steps."""
-
-    def __init__(self, model: EMOTransformer, amp: bool, optim: OptimConfig | None = None) -> None:
-        self.model, self.amp = model, amp
-        self.optimizer, self.scheduler = build_optimizer(model, optim or OptimConfig(warmup_steps=0), 10_000)
-        self.balance = GlobalLoadBalance.for_model(model.cfg)
-
-    def loss(self, batch: dict[str, Tensor]) -> Tensor:
-        self.balance.reset()
-        dev = batch["input_ids"].device.type
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.model(batch["input_ids"], batch["doc_ids"], balance=self.balance, route_probs=False)
-            ce = F.cross_entropy(
-                out.logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100
-            )
-        return ce + out.aux_loss
-
-    def update(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def step(self, batch: dict[str, Tensor]) -> Tensor:
-        loss = self.loss(batch)
-        loss.backward()
-        self.update()
-        return loss.detach()
+    cfg = load_preset(REPO / EXPERIMENTS[name]).model
+    if seq is not None and seq > cfg.arch.max_seq_len:
+        cfg = replace(cfg, arch=replace(cfg.arch, max_seq_len=seq))
+    return cfg
 
 
 def build_model(cfg: ModelConfig, dev: torch.device, seed: int = 0) -> EMOTransformer:
@@ -463,7 +398,7 @@ def attention_grads(
 def check_flex(dev: torch.device, sz: Sizes) -> list[Result]:
     """FlexAttention block mask vs SDPA boolean mask on packed documents, fp32 and bf16 autocast."""
     importlib.import_module("torch.nn.attention.flex_attention")
-    cfg = tiny_config(sz.tiny_seq).arch
+    cfg = preset_model("tiny", sz.tiny_seq).arch
     torch.manual_seed(0)
     attn = Attention(cfg).to(dev)
     gen = torch.Generator().manual_seed(1)
@@ -602,7 +537,7 @@ def check_sync(dev: torch.device, sz: Sizes) -> list[Result]:
     )
     if dev.type != "cuda":
         return [skip("correctness", n, "CUDA only") for n in names]
-    emo_cfg, _ = small_configs()
+    emo_cfg = preset_model("small")
     arch, rc = emo_cfg.arch, emo_cfg.router
     b, s = sz.sync_batch, sz.step_seq
     gen = torch.Generator().manual_seed(2)
@@ -665,14 +600,14 @@ def check_sync(dev: torch.device, sz: Sizes) -> list[Result]:
 
 def check_amp_step(dev: torch.device, sz: Sizes) -> list[Result]:
     """Two training steps of the tiny model, bf16 autocast vs fp32 (same init, data and pool draws)."""
-    cfg = tiny_config(sz.tiny_seq)
+    cfg = preset_model("tiny", sz.tiny_seq)
     batches = synthetic_batches(2, sz.tiny_batch, sz.tiny_seq, cfg.arch.vocab_size, sz.tiny_doc, dev, seed=3)
     losses: dict[bool, list[float]] = {}
     grads: dict[bool, Tensor] = {}
-    steppers: dict[bool, Stepper] = {}
+    steppers: dict[bool, TrainStep] = {}
     for amp in (False, True):
         model = build_model(cfg, dev)
-        st = steppers[amp] = Stepper(model, amp, OptimConfig(lr=3e-3, warmup_steps=0))
+        st = steppers[amp] = TrainStep(model, OptimConfig(lr=3e-3, warmup_steps=0), amp=amp)
         losses[amp] = []
         for i, batch in enumerate(batches):
             model.reseed_routers(i)
@@ -730,7 +665,7 @@ def check_lightning_mfu(dev: torch.device, sz: Sizes, peak: float) -> list[Resul
 
         if get_available_flops(dev, torch.bfloat16) is None:
             return [skip("correctness", name, f"no peak FLOPs known for {torch.cuda.get_device_name(dev)}")]
-    cfg = tiny_config(sz.tiny_seq)
+    cfg = preset_model("tiny", sz.tiny_seq)
     batches = synthetic_batches(
         4, sz.tiny_batch, sz.tiny_seq, cfg.arch.vocab_size, sz.tiny_doc, torch.device("cpu")
     )
@@ -777,10 +712,10 @@ def perf_train_step(dev: torch.device, sz: Sizes, peak: float) -> list[Result]:
     """EMO vs standard-MoE training step: tokens/s, MFU (``flops_per_token`` / measured matmul rate), peak
     memory."""
     if sz.small:
-        cfgs = dict(zip(("emo", "standard"), small_configs(), strict=True))
+        cfgs = {"emo": preset_model("small"), "standard": preset_model("small_standard")}
         label = "emo_small"
     else:
-        emo = tiny_config(sz.step_seq)
+        emo = preset_model("tiny", sz.step_seq)
         cfgs = {"emo": emo, "standard": replace(emo, router=replace(emo.router, kind="standard"))}
         label = "tiny (dry)"
     b, s = sz.step_batch, sz.step_seq
@@ -788,7 +723,7 @@ def perf_train_step(dev: torch.device, sz: Sizes, peak: float) -> list[Result]:
     vocab = cfgs["emo"].arch.vocab_size
     batches = synthetic_batches(4, b, s, vocab, sz.step_doc, dev, seed=4)
     data = {k: cycle(batches) for k in cfgs}
-    steppers = {k: Stepper(build_model(c, dev), amp) for k, c in cfgs.items()}
+    steppers = {k: TrainStep(build_model(c, dev), amp=amp) for k, c in cfgs.items()}
     fns = {k: (lambda k=k: steppers[k].step(next(data[k]))) for k in cfgs}
     t = measure(fns, warmup=sz.warmup, repeats=sz.repeats, dev=dev)
     mem = {k: peak_memory(f, dev) for k, f in fns.items()} if dev.type == "cuda" else {}

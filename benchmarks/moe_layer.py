@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.timing import Row, loadavg, measure, num_threads
-from emo_lightning.model import ArchConfig, RouterConfig
+from emo_lightning.model import ArchConfig, RouterConfig, load_balance
 from emo_lightning.model.moe import MoELayer
 
 TOKENS, D, E, K, H = 8192, 256, 32, 4, 256
@@ -150,7 +150,7 @@ def build_fns(
             x.grad = None
             layer.zero_grad(set_to_none=True)
             y, r = layer(x, doc_ids)
-            lb = (r.counts.float() * r.scores.mean(0)).sum() / tokens
+            lb = load_balance(r.counts, tokens, r.scores.mean(0), k)  # the model's own auxiliary loss
             ((y * cot).sum() + lb + r.z_loss).backward()
 
         return f
@@ -191,11 +191,22 @@ def deepspeed_available() -> bool:
 
 def run(quick: bool = False, dev: torch.device | None = None) -> tuple[list[Row], dict]:
     dev = dev or torch.device("cpu")
-    repeats, warmup = (3, 1) if quick else (5, 1)
+    repeats, warmup = (2, 1) if quick else (5, 1)
     have_ds = deepspeed_available()
-    fns, ds = build_fns(TOKENS, E, dev, deepspeed=have_ds)
+    shape = (
+        dict(tokens=256, e=8, d=32, k=2, hidden=32) if quick else dict(tokens=TOKENS, e=E, d=D, k=K, hidden=H)
+    )
+    fns, ds = build_fns(
+        shape["tokens"],
+        shape["e"],
+        dev,
+        deepspeed=have_ds,
+        d=shape["d"],
+        k=shape["k"],
+        hidden=shape["hidden"],
+    )
     rows: list[Row] = []
-    details: dict = {"shape": {"tokens": TOKENS, "d": D, "E": E, "k": K, "hidden": H}, "threads": {}}
+    details: dict = {"shape": shape, "threads": {}}
     for threads in (1, 2):
         # two threads: the main variants only, fewer repeats (the second core is shared with other jobs here)
         sub = fns if threads == 1 else {k: v for k, v in fns.items() if k in TWO_THREADS}

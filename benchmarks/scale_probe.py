@@ -4,32 +4,32 @@
         [--tokens N] [--lr-emo LR] [--lr-standard LR] [--pool-scope running|document]
         [--balance aux_loss|bias|both] [--bias-gamma G] [--router-emo KEY=VALUE] [--router-standard KEY=VALUE]
 
-Trains the standard MoE and EMO (the CPU study's best recipe: running pools, each model at its own best learning
-rate) with the same data, seed, initial weights and token budget (``FULL``: d 512, 8 layers, 64 experts of 128
-units, top-8 — ``conf/studies/emo_shared8_fine64.yaml`` scaled up; ~50M tokens each, 13.5x the CPU study's, at 20x
-its FLOPs per token; bf16-mixed, one plain Lightning ``Trainer``, no DeepSpeed), then evaluates both with the
-modularity toolkit (``emo_lightning.experts``):
+Trains the standard MoE and EMO with the same data, seed, initial weights and token budget, then evaluates both
+with the modularity toolkit (``emo_lightning.experts``). The models are the conf/ presets
+``conf/studies/{emo,stdmoe}_scale_probe.yaml`` (the CPU study's best recipe, running pools, each model at its own
+learning rate, scaled to d 512, 8 layers, 64 experts of 128 units, top-8, rows 64 x 1024: ~50M tokens each, 13.5x
+the CPU study's, at 20x its FLOPs per token), composed by ``emo fit``'s parser with the flags as overrides; one
+plain Lightning ``Trainer`` of ``EMOLitModule`` (bf16-mixed, no DeepSpeed). Evaluation:
 
-* full-model loss on the whole val split, all experts; EMO also under leak-free pooled routing ``running:P``;
+* full-model loss on the whole val split, all experts (``document_losses``); EMO also under leak-free pooled
+  routing ``running:P``; load imbalance and dead experts from the same pass;
 * keep 25% / 12.5% of the experts, chosen layer-wise from 8 calibration documents per domain (``layerwise_subset``,
   ``prune_model``), mean loss rise over the domains on 50 other documents per domain;
-* router clustering NMI against the domains (``cluster_tokens``; a torch k-means where scikit-learn is absent);
-* load imbalance and dead experts over the val split.
+* router clustering NMI against the domains (``router_features``, ``cluster_tokens``, on the GPU).
 
 Training steps are planned from a short timed calibration fit of each model so that everything ends inside
 ``--budget-s`` (a slower device trains fewer tokens, reported). Without CUDA (or with ``--dry``) the same code runs
-a few steps of a tiny model (``DRY``). Prints a table, writes ``scale_probe-<device>-<time>.{json,md}`` and
-``scale_probe-latest.{json,md}`` under ``--out`` (the JSON also after training, marked incomplete). Needs torch,
-lightning, torchmetrics, tokenizers, numpy and the pure-Python webdataset and braceexpand (docs/performance.md,
-"Scale probe"); shards are built from ``--corpus`` when absent. User mistakes end with one line and status 2.
+a few steps of a tiny model (``DRY``: its model sizes are overrides of the presets). Prints a table, writes
+``scale_probe-<device>-<time>.{json,md}`` and ``scale_probe-latest.{json,md}`` under ``--out`` (the JSON also after
+training, marked incomplete). Needs torch, lightning, torchmetrics, tokenizers, numpy and the pure-Python wheels
+``make gpu-prepare`` downloads (the presets' parser, webdataset; docs/performance.md); shards are built from
+``--corpus`` when absent. User mistakes end with one line and status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import gc
-import importlib.util
 import json
 import logging
 import math
@@ -40,59 +40,56 @@ import time
 import traceback
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from benchmarks.timing import machine, package_versions
 from emo_lightning.errors import ArgumentParser, UserError, run_cli
-from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterConfig, flops_per_token
-from emo_lightning.optim import OptimConfig
+from emo_lightning.model import EMOTransformer, ModelConfig, flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 PROG = "gpu-scale-probe"
-IGNORE_INDEX = -100
-# imported by the training and evaluation path (pure-Python wheels for webdataset and braceexpand on a bare node)
-REQUIRED = ("lightning", "torchmetrics", "tokenizers", "numpy", "yaml", "tqdm", "webdataset", "braceexpand")
+# imported by the training and evaluation path (pure-Python wheels for the rest on a bare node: make gpu-prepare)
+REQUIRED = (
+    "lightning", "torchmetrics", "tokenizers", "numpy", "yaml", "tqdm", "webdataset", "braceexpand",
+    "jsonargparse", "omegaconf", "docstring_parser", "typeshed_client",
+)  # fmt: skip
 MODELS = ("standard", "emo")
+PRESETS = {"standard": "conf/studies/stdmoe_scale_probe.yaml", "emo": "conf/studies/emo_scale_probe.yaml"}
 # The CPU study (docs/modularity.md; d 128, 4 layers, 64 experts of 32, top-8, 3.7M tokens, whole val split), for
 # the last column of the table.
 CPU_STUDY = {
     "tokens": 3_686_400,
-    "gap_full": "+1.16% (running pools, 5 seeds; document pools +1.70%; each at its best LR +2.79%)",
-    "gap_pooled": "+0.97% (running:32, 5 seeds)",
-    "keep_0.25": "EMO +0.41%, std +9.74%",
-    "keep_0.125": "EMO +1.85%, std +17.58%",
+    "gap_full": "+1.02% (running pools at LR 6e-3, 3 seeds; document pools +1.93%)",
+    "gap_pooled": "+0.91% (running:32, 3 seeds)",
+    "keep_0.25": "EMO +0.36%, std +9.74%",
+    "keep_0.125": "EMO +2.07%, std +17.58%",
     "nmi": "EMO 0.133, std 0.072",
 }
 
 
 @dataclass(frozen=True)
 class ProbeSizes:
-    """Model, data and evaluation sizes of one probe: ``FULL`` on a GPU, ``DRY`` for the CPU smoke run."""
+    """Training and evaluation sizes of one probe: ``FULL`` on a GPU, ``DRY`` for the CPU smoke run (the model and
+    its rows come from the presets; ``model`` holds the dry run's overrides of them)."""
 
-    d_model: int
-    n_layers: int
-    n_heads: int
-    expert_hidden: int  # SwiGLU hidden units of one expert
-    num_experts: int
-    top_k: int
-    seq_len: int  # tokens per row, training and evaluation
-    batch_size: int  # rows per optimizer step
     tokens: int  # training tokens per model (the target; the time budget may cut it)
+    model: tuple[str, ...] = ()  # preset overrides, command-line style
     warmup_fraction: float = 0.1  # linear LR warm-up over this share of the steps, then cosine to 0.1x
     calib_steps: int = 12  # timed calibration fit per model (includes compilation)
     calib_skip: int = 4  # first calibration steps not timed
     num_workers: int = 4  # DataLoader workers
     shuffle_buffer: int = 2000
     log_every: int = 25  # steps between progress lines and loss-curve points
-    eval_batch: int = 64  # rows per evaluation batch (= batch_size: the compiled attention keeps its shape)
+    eval_batch: int = (
+        64  # rows per evaluation batch (= the training rows: the compiled attention keeps its shape)
+    )
     val_docs_per_domain: int | None = None  # whole-split evaluation: None = every val document
     n_calib: int = 8  # calibration documents per domain (8-shot selection)
     n_eval: int = 50  # evaluation documents per domain for the keep rises and clustering
@@ -104,34 +101,42 @@ class ProbeSizes:
     eval_reserve_s: float = 150.0  # of it, kept for the evaluation when planning the training steps
     stage_grace_s: float = 90.0  # evaluation stages not started by budget_s + this are skipped (recorded)
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.seq_len * self.batch_size
 
-
-FULL = ProbeSizes(
-    d_model=512, n_layers=8, n_heads=8, expert_hidden=128, num_experts=64, top_k=8,
-    seq_len=1024, batch_size=64, tokens=50_000_000,
-)  # fmt: skip
+FULL = ProbeSizes(tokens=50_000_000)
 DRY = replace(
-    FULL, d_model=32, n_layers=2, n_heads=2, expert_hidden=16, num_experts=8, top_k=2, seq_len=64, batch_size=4,
-    tokens=6 * 4 * 64, calib_steps=3, calib_skip=1, num_workers=0, shuffle_buffer=100, log_every=2, eval_batch=8,
-    val_docs_per_domain=24, n_calib=4, n_eval=8, running_pools=(2, 4), clusters=4, cluster_tokens=2000,
-    budget_s=300.0, eval_reserve_s=60.0,
+    FULL, tokens=6 * 4 * 64, calib_steps=3, calib_skip=1, num_workers=0, shuffle_buffer=100, log_every=2,
+    eval_batch=8, val_docs_per_domain=24, n_calib=4, n_eval=8, running_pools=(2, 4), clusters=4,
+    cluster_tokens=2000, budget_s=300.0, eval_reserve_s=60.0,
+    model=(
+        "--model.arch.d_model", "32", "--model.arch.n_layers", "2", "--model.arch.n_heads", "2",
+        "--model.arch.expert_hidden", "16", "--model.arch.max_seq_len", "64", "--model.router.num_experts", "8",
+        "--model.router.top_k", "2", "--data.seq_len", "64", "--data.batch_size", "4",
+    ),
 )  # fmt: skip
 
 
 @dataclass
-class Recipe:
-    """What differs between the two models besides the router kind (the command-line flags)."""
+class Probe:
+    """One model of the probe: its composed preset and the overrides that made it."""
 
-    lr: dict[str, float] = field(default_factory=lambda: {"standard": 1.5e-3, "emo": 3e-3})
-    pool_scope: str = "running"  # EMO only
-    balance: str = "aux_loss"
-    bias_gamma: float = 0.01  # 1e-3 balances too slowly in ~1000 steps (docs/modularity.md)
-    overrides: dict[str, dict[str, str]] = field(default_factory=lambda: {"standard": {}, "emo": {}})
-    attention: str = "auto"
-    seed: int = 0
+    preset: Any  # emo_lightning.presets.Preset
+    overrides: list[str]
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.preset.model
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.preset.data["seq_len"])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.preset.data["batch_size"])
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size
 
 
 class Clock:
@@ -155,8 +160,7 @@ def check_packages() -> dict[str, str]:
     if missing:
         raise UserError(
             f"missing packages: {', '.join(missing)}",
-            "install them (on an air-gapped node: pip install --no-index --no-deps from wheels brought along, "
-            "docs/performance.md 'Scale probe')",
+            "install them (an air-gapped node: the wheels of `make gpu-prepare`, docs/performance.md)",
         )
     return found
 
@@ -248,60 +252,32 @@ def load_val_docs(path: Path, tokenizer: Path, per_domain: int | None, seed: int
 
 
 # ------------------------------------------------------------------------------------------------ models
-def _coerce(raw: str, default: Any) -> Any:
-    """A KEY=VALUE override's value, typed like the field's default (ValueError if it does not parse)."""
-    word = raw.lower()
-    if word in ("none", "null"):
-        return None
-    if isinstance(default, bool):
-        if word not in ("true", "false"):
-            raise ValueError(raw)
-        return word == "true"
-    if isinstance(default, int) or default is None:  # the router's None defaults are pool sizes (int | None)
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
-    return raw
+def recipe_overrides(args: argparse.Namespace, kind: str) -> list[str]:
+    """The command-line flags given as ``emo fit`` overrides of the ``kind`` preset (the parser validates them)."""
+    flags = {
+        "--model.optim.lr": args.lr_emo if kind == "emo" else args.lr_standard,
+        "--model.router.pool_scope": args.pool_scope if kind == "emo" else None,
+        "--model.router.balance": args.balance,
+        "--model.router.bias_gamma": args.bias_gamma,
+        "--model.router.seed": args.seed,
+        "--model.arch.attention_backend": args.attention,
+    }
+    out = [part for key, value in flags.items() if value is not None for part in (key, str(value))]
+    for key, value in getattr(args, f"router_{kind}"):
+        out += [f"--model.router.{key}", value]
+    return out
 
 
-def router_config(sz: ProbeSizes, kind: str, recipe: Recipe) -> RouterConfig:
-    """The router of one model: ``sz``'s experts, the recipe's balance (and EMO's pool scope), then overrides."""
-    base = RouterConfig(
-        kind=kind,
-        num_experts=sz.num_experts,
-        num_shared=0,
-        top_k=sz.top_k,
-        seed=recipe.seed,
-        balance=recipe.balance,
-        bias_gamma=recipe.bias_gamma,
-        pool_scope=recipe.pool_scope if kind == "emo" else "document",
-    )
-    names = {f.name for f in fields(RouterConfig)}
-    changes = {}
-    for key, raw in recipe.overrides[kind].items():
-        if key not in names or key == "kind":
-            close = difflib.get_close_matches(key, sorted(names - {"kind"}), n=1)
-            hint = f"did you mean {close[0]}?" if close else f"router fields: {', '.join(sorted(names))}"
-            raise UserError(f"--router-{kind} {key}=...: unknown router field", hint)
-        try:
-            changes[key] = _coerce(raw, getattr(base, key))
-        except ValueError:
-            kind_of = "true or false" if isinstance(getattr(base, key), bool) else "a number or none"
-            raise UserError(f"--router-{kind} {key}={raw}: not a valid value", f"give {kind_of}") from None
-    return replace(base, **changes)  # validated by RouterConfig (a ConfigError is a one-line user error)
+def load_probes(args: argparse.Namespace, sz: ProbeSizes, vocab: int) -> dict[str, Probe]:
+    """Both models from their presets: the dry sizes, the shards' vocabulary, then the flags."""
+    from emo_lightning.presets import load_preset
 
-
-def model_configs(sz: ProbeSizes, recipe: Recipe, vocab: int) -> dict[str, ModelConfig]:
-    arch = ArchConfig(
-        vocab_size=vocab,
-        d_model=sz.d_model,
-        n_layers=sz.n_layers,
-        n_heads=sz.n_heads,
-        expert_hidden=sz.expert_hidden,
-        max_seq_len=sz.seq_len,
-        attention_backend=recipe.attention,
-    )
-    return {kind: ModelConfig(arch=arch, router=router_config(sz, kind, recipe)) for kind in MODELS}
+    probes = {}
+    for kind in MODELS:
+        overrides = [*sz.model, "--model.arch.vocab_size", str(vocab), *recipe_overrides(args, kind)]
+        preset = load_preset(Path(__file__).resolve().parents[1] / PRESETS[kind], overrides)
+        probes[kind] = Probe(preset, overrides)
+    return probes
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -366,17 +342,10 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def fit(
-    cfg: ModelConfig,
-    lr: float,
-    sz: ProbeSizes,
-    shards: Path,
-    steps: int,
-    dev: torch.device,
-    log: Any,
-    seed: int,
+    probe: Probe, sz: ProbeSizes, shards: Path, steps: int, dev: torch.device, log: Any, seed: int
 ) -> tuple[Any, Any]:
     """One plain single-device Lightning fit of ``EMOLitModule`` (bf16-mixed on CUDA, no DeepSpeed, no
-    checkpoints, no validation): (module, trainer)."""
+    checkpoints, no validation): (module, trainer). The preset's optimizer, warm-up scaled to the steps."""
     import lightning as L
 
     from emo_lightning.data import ShardDataModule
@@ -386,14 +355,16 @@ def fit(
     dm = ShardDataModule(
         str(shards),
         None,
-        seq_len=sz.seq_len,
-        batch_size=sz.batch_size,
+        seq_len=probe.seq_len,
+        batch_size=probe.batch_size,
         num_workers=sz.num_workers,
         shuffle_buffer=sz.shuffle_buffer,
         seed=seed,
     )
     L.seed_everything(seed, verbose=False)
-    module = EMOLitModule(arch=cfg.arch, router=cfg.router, optim=OptimConfig(lr=lr, warmup_steps=warmup))
+    cfg = probe.config
+    optim = replace(probe.preset.optim, warmup_steps=warmup, decay_steps=None)
+    module = EMOLitModule(arch=cfg.arch, router=cfg.router, optim=optim)
     trainer = L.Trainer(
         accelerator="gpu" if dev.type == "cuda" else "cpu",
         devices=1,
@@ -416,13 +387,8 @@ def fit(
 
 
 def calibrate(
-    cfgs: dict[str, ModelConfig],
-    recipe: Recipe,
-    sz: ProbeSizes,
-    shards: Path,
-    dev: torch.device,
-    clock: Clock,
-) -> tuple[dict[str, float], dict[str, ModelConfig], str | None]:
+    probes: dict[str, Probe], sz: ProbeSizes, shards: Path, dev: torch.device, clock: Clock, seed: int
+) -> tuple[dict[str, float], dict[str, Probe], str | None]:
     """Seconds per training step of each model (median after warm-up), from a short fit; on CUDA a failing
     FlexAttention falls back to SDPA (the reason is returned)."""
     rates: dict[str, float] = {}
@@ -430,12 +396,12 @@ def calibrate(
     for kind in MODELS:
         log = fit_log(f"calibrate {kind}", sz.calib_steps, 0, True, None, clock)
         try:
-            fit(cfgs[kind], recipe.lr[kind], sz, shards, sz.calib_steps, dev, log, recipe.seed)
+            fit(probes[kind], sz, shards, sz.calib_steps, dev, log, seed)
         except Exception as err:
             if (
                 isinstance(err, UserError)
                 or dev.type != "cuda"
-                or cfgs[kind].arch.attention_backend == "sdpa"
+                or probes[kind].config.arch.attention_backend == "sdpa"
             ):
                 raise
             fallback = (
@@ -443,22 +409,25 @@ def calibrate(
             )
             clock.say(f"calibrate {kind}: FlexAttention failed ({fallback}); retrying with SDPA")
             traceback.print_exc()
-            cfgs = {k: replace(c, arch=replace(c.arch, attention_backend="sdpa")) for k, c in cfgs.items()}
+            for p in probes.values():
+                model = p.preset.model
+                p.preset.model = replace(model, arch=replace(model.arch, attention_backend="sdpa"))
             log = fit_log(f"calibrate {kind}", sz.calib_steps, 0, True, None, clock)
-            fit(cfgs[kind], recipe.lr[kind], sz, shards, sz.calib_steps, dev, log, recipe.seed)
+            fit(probes[kind], sz, shards, sz.calib_steps, dev, log, seed)
         rates[kind] = log.step_seconds(sz.calib_skip)
-        clock.say(
-            f"calibrate {kind}: {rates[kind] * 1e3:.1f} ms/step, {sz.tokens_per_step / rates[kind] / 1e6:.2f}M tokens/s"
-        )
+        rate = probes[kind].tokens_per_step / rates[kind]
+        clock.say(f"calibrate {kind}: {rates[kind] * 1e3:.1f} ms/step, {rate / 1e6:.2f}M tokens/s")
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    return rates, cfgs, fallback
+    return rates, probes, fallback
 
 
-def plan_steps(sz: ProbeSizes, rates: dict[str, float], time_left: float) -> tuple[int, int, bool]:
+def plan_steps(
+    sz: ProbeSizes, tokens_per_step: int, rates: dict[str, float], time_left: float
+) -> tuple[int, int, bool]:
     """(steps, target steps, cut by the budget?): equal steps for both models, the target unless both fits
     (with 15% margin and 15 s of setup each) would not end within ``time_left``."""
-    target = max(1, math.ceil(sz.tokens / sz.tokens_per_step))
+    target = max(1, math.ceil(sz.tokens / tokens_per_step))
     per_step = sum(rates.values()) * 1.15
     affordable = int(max(0.0, time_left - 30.0) / per_step) if per_step > 0 else target
     steps = max(1, min(target, affordable))
@@ -502,8 +471,7 @@ def peak_flops(dev: torch.device) -> float | None:
 
 def train(
     kind: str,
-    cfg: ModelConfig,
-    recipe: Recipe,
+    probe: Probe,
     sz: ProbeSizes,
     shards: Path,
     steps: int,
@@ -511,9 +479,10 @@ def train(
     deadline: float,
     clock: Clock,
     save: Path | None,
+    seed: int,
 ) -> Trained:
     log = fit_log(kind, steps, sz.log_every, False, deadline, clock)
-    module, trainer = fit(cfg, recipe.lr[kind], sz, shards, steps, dev, log, recipe.seed)
+    module, trainer = fit(probe, sz, shards, steps, dev, log, seed)
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(save / f"{kind}.ckpt", weights_only=True)
@@ -521,212 +490,54 @@ def train(
     del module, trainer  # optimizer states
     gc.collect()
     seconds = log.end - log.start
-    tokens = log.steps * sz.tokens_per_step
+    tokens = log.steps * probe.tokens_per_step
     rate = tokens / max(seconds, 1e-9)
     peak = peak_flops(dev)
-    mfu = rate * flops_per_token(cfg, sz.seq_len) / peak if peak else None
+    mfu = rate * flops_per_token(probe.config, probe.seq_len) / peak if peak else None
     clock.say(f"{kind}: {log.steps} steps, {tokens:,} tokens in {seconds:.0f} s ({rate / 1e6:.2f}M tokens/s)")
     return Trained(model, log.steps, tokens, seconds, rate, mfu, log.curve, log.stopped_early)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
-def document_losses_on(
-    model: EMOTransformer, n_docs: int, batches: Sequence[Any], routing: Any
-) -> tuple[Any, torch.Tensor]:
-    """``emo_lightning.experts.evaluate.document_losses`` on the model's device (the toolkit's own keeps its
-    sums on the CPU): per-document loss sums and scored targets (CPU), plus the summed expert counts (L,E')."""
-    from emo_lightning.experts.evaluate import DocLosses
-    from emo_lightning.experts.routing import eval_routing
-
-    dev = next(model.parameters()).device
-    loss_sum = torch.zeros(n_docs, dtype=torch.float64, device=dev)
-    tokens = torch.zeros(n_docs, dtype=torch.long, device=dev)
-    counts = None
-    with eval_routing(model, routing):
-        for b in batches:
-            ids, doc_ids, labels, index = (t.to(dev) for t in (b.input_ids, b.doc_ids, b.labels, b.doc_index))
-            out = model(ids, doc_ids)
-            layer_counts = torch.stack([lr.counts for lr in out.layers]).double()  # (L,E')
-            counts = layer_counts if counts is None else counts + layer_counts
-            ce = F.cross_entropy(
-                out.logits.flatten(0, 1).float(),
-                labels.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            )
-            flat = ((labels != IGNORE_INDEX) & (index >= 0)).flatten()
-            idx = index.flatten()[flat]
-            loss_sum.index_add_(0, idx, ce[flat].double())
-            tokens.index_add_(0, idx, torch.ones_like(idx))
-    return DocLosses(loss_sum.cpu(), tokens.cpu()), (counts.cpu() if counts is not None else torch.zeros(0))
-
-
 def mean_loss(model: EMOTransformer, docs: Sequence[Any], batches: Sequence[Any], routing: Any) -> float:
-    dl, _ = document_losses_on(model, len(docs), batches, routing)
+    from emo_lightning.experts.evaluate import document_losses
+
+    dl = document_losses(model, docs, batches, routing)
     return float(dl.loss_sum.sum() / dl.tokens.sum().clamp(min=1))
 
 
-@torch.no_grad()
-def router_features_on(model: EMOTransformer, batches: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """``emo_lightning.experts.clustering.router_features`` on the model's device: (T, L*E') float32 router
-    probabilities of every non-padding token (full routing) and its document index."""
-    from emo_lightning.experts.routing import FULL, eval_routing
-
-    dev = next(model.parameters()).device
-    feats, index = [], []
-    with eval_routing(model, FULL):
-        for b in batches:
-            out = model(b.input_ids.to(dev), b.doc_ids.to(dev), return_routes=True)
-            keep = (b.doc_index >= 0).flatten()
-            feats.append(
-                torch.cat([lr.probs for lr in out.layers], -1).flatten(0, 1)[keep.to(dev)].float().cpu()
-            )
-            index.append(b.doc_index.flatten()[keep])
-    return torch.cat(feats).numpy(), torch.cat(index).numpy()
-
-
-def nmi_score(labels: np.ndarray, clusters: np.ndarray) -> float:
-    """Normalised mutual information, arithmetic normalisation (scikit-learn's ``normalized_mutual_info_score``)."""
-    _, a = np.unique(labels, return_inverse=True)
-    _, b = np.unique(clusters, return_inverse=True)
-    if a.max(initial=0) == 0 and b.max(initial=0) == 0:
-        return 1.0
-    table = np.zeros((a.max() + 1, b.max() + 1))
-    np.add.at(table, (a, b), 1)
-    p = table / table.sum()
-    pa, pb = p.sum(1), p.sum(0)
-    nz = p > 0
-    mi = float((p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])).sum())
-    if abs(mi) < np.finfo(np.float64).eps:
-        return 0.0
-    ha = -float((pa[pa > 0] * np.log(pa[pa > 0])).sum())
-    hb = -float((pb[pb > 0] * np.log(pb[pb > 0])).sum())
-    return mi / ((ha + hb) / 2)
-
-
-def kmeans_torch(
-    z: torch.Tensor, k: int, seed: int, n_init: int = 4, max_iter: int = 300, tol: float = 1e-4
-) -> torch.Tensor:
-    """Lloyd's k-means with k-means++ seeding, best of ``n_init`` by inertia (scikit-learn's defaults): labels (N,)."""
-    gen = torch.Generator(device=z.device).manual_seed(seed)
-    threshold = tol * float(z.var(0).mean())
-    best, best_inertia = None, math.inf
-    for _ in range(n_init):
-        first = torch.randint(len(z), (1,), generator=gen, device=z.device)
-        centres = z[first]
-        d2 = ((z - centres) ** 2).sum(1)
-        for _ in range(1, k):
-            pick = torch.multinomial(d2.clamp_min(0) + 1e-30, 1, generator=gen)
-            centres = torch.cat([centres, z[pick]])
-            d2 = torch.minimum(d2, ((z - z[pick]) ** 2).sum(1))
-        for _ in range(max_iter):
-            assign = torch.cdist(z, centres).argmin(1)
-            sums = torch.zeros_like(centres).index_add_(0, assign, z)
-            n = torch.bincount(assign, minlength=k).unsqueeze(1)
-            new = torch.where(n > 0, sums / n.clamp_min(1), centres)  # an empty cluster keeps its centre
-            shift = float(((new - centres) ** 2).sum())
-            centres = new
-            if shift <= threshold:
-                break
-        assign = torch.cdist(z, centres).argmin(1)
-        inertia = float(((z - centres[assign]) ** 2).sum())
-        if inertia < best_inertia:
-            best, best_inertia = assign, inertia
-    return best
-
-
-def cluster_torch(
-    features: np.ndarray,
-    labels: np.ndarray,
-    k: int,
-    max_tokens: int,
-    seed: int,
-    dev: torch.device,
-    variance: float = 0.95,
+def eval_full(
+    model: EMOTransformer, val_docs: list[Any], seq_len: int, sz: ProbeSizes, pad: int
 ) -> dict[str, Any]:
-    """``cluster_tokens``'s method without scikit-learn: centre, PCA to ``variance``, L2-normalise, k-means; NMI
-    and purity against ``labels``."""
-    from emo_lightning.experts.clustering import purity  # the toolkit (imports the data stack)
-
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(features), size=min(max_tokens, len(features)), replace=False))
-    x = torch.from_numpy(features[pick]).to(dev, torch.float64)
-    x = x - x.mean(0, keepdim=True)
-    evals, evecs = torch.linalg.eigh(x.T @ x)  # ascending
-    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-    ratio = (evals.cumsum(0) / evals.sum().clamp_min(1e-300)).cpu().numpy()
-    dims = int(np.searchsorted(ratio, variance, side="right") + 1)
-    dims = min(dims, x.shape[1])
-    z = x @ evecs[:, :dims]
-    z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    assign = kmeans_torch(z, k, seed).cpu().numpy()
-    lab = np.asarray(labels)[pick]
-    _, counts = np.unique(lab, return_counts=True)
-    return {
-        "method": "torch k-means (scikit-learn absent)",
-        "k": k,
-        "tokens": len(pick),
-        "pca_dims": dims,
-        "nmi": nmi_score(lab, assign),
-        "purity": purity(lab, assign),
-        "majority_baseline": float(counts.max() / len(lab)),
-    }
-
-
-def cluster(
-    features: np.ndarray, labels: np.ndarray, sz: ProbeSizes, seed: int, dev: torch.device
-) -> dict[str, Any]:
-    """Router clustering: the toolkit's ``cluster_tokens`` (scikit-learn, as in the CPU study) if importable, else
-    :func:`cluster_torch`."""
-    if importlib.util.find_spec("sklearn") is None:
-        return cluster_torch(features, labels, sz.clusters, sz.cluster_tokens, seed, dev)
-    from emo_lightning.experts.clustering import cluster_tokens
-
-    res = cluster_tokens(features, labels, sz.clusters, max_tokens=sz.cluster_tokens, seed=seed)
-    res.pop("clusters", None)
-    return {"method": "scikit-learn (cluster_tokens)", **res}
-
-
-def cpu_copy(model: EMOTransformer) -> EMOTransformer:
-    """The model on the CPU in eval mode (the layer-wise selection of the toolkit runs there)."""
-    if next(model.parameters()).device.type == "cpu":
-        return model
-    cpu = EMOTransformer(model.cfg)
-    cpu.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    return cpu.eval()
-
-
-def eval_full(model: EMOTransformer, val_docs: list[Any], sz: ProbeSizes, pad: int) -> dict[str, Any]:
     """Loss on the whole val split with all experts (per domain; load imbalance and dead experts from the expert
-    counts) and, for EMO, under leak-free pooled routing ``running:P``."""
+    counts of the same pass) and, for EMO, under leak-free pooled routing ``running:P``."""
     from emo_lightning.experts.documents import pack_documents
-    from emo_lightning.experts.evaluate import domain_table
-    from emo_lightning.experts.routing import FULL, Routing
+    from emo_lightning.experts.evaluate import document_losses, domain_table
     from emo_lightning.metrics import routing_stats as rs
+    from emo_lightning.model import FULL, Routing
 
     rc = model.cfg.router
-    val = pack_documents(val_docs, sz.seq_len, sz.eval_batch, pad)
-    dl, counts = document_losses_on(model, len(val_docs), val, FULL)
+    val = pack_documents(val_docs, seq_len, sz.eval_batch, pad)
+    dl = document_losses(model, val_docs, val, FULL, pad)
     table = domain_table(val_docs, dl)
     res: dict[str, Any] = {
         "full": {"loss": table["all"]["loss"], "tokens": table["all"]["tokens"], "domains": table},
         "load": {
-            "imbalance": float(rs.load_imbalance(counts).mean()),
-            "dead_fraction": float(rs.dead_fraction(counts).mean()),
+            "imbalance": float(rs.load_imbalance(dl.counts).mean()),
+            "dead_fraction": float(rs.dead_fraction(dl.counts).mean()),
         },
         "routing": {"full": table["all"]["loss"]},
     }
     if rc.kind == "emo":  # the standard router has no pools
-        for p in sz.running_pools:
-            if rc.routed_k <= p <= rc.num_routed:
-                r = Routing("running", p)
+        for size in sz.running_pools:
+            if rc.routed_k <= size <= rc.num_routed:
+                r = Routing("running", size)
                 res["routing"][str(r)] = mean_loss(model, val_docs, val, r)
     return res
 
 
 def pack_tight(docs: Sequence[Any], seq_len: int, pad: int) -> list[Any]:
-    """One batch of just enough rows for ``docs`` (the selection runs on the CPU: no padding rows)."""
+    """One batch of just enough rows for ``docs`` (no padding rows)."""
     from emo_lightning.experts.documents import pack_documents
 
     rows = max(1, math.ceil(sum(len(d.tokens) for d in docs) / seq_len))
@@ -737,28 +548,26 @@ def eval_keep(
     model: EMOTransformer,
     calib: dict[str, list[Any]],
     evals: dict[str, list[Any]],
+    seq_len: int,
     sz: ProbeSizes,
     pad: int,
 ) -> dict[str, Any]:
-    """Per keep fraction: experts chosen layer-wise from the calibration documents of each domain (the toolkit's
-    ``layerwise_subset`` on a CPU copy), the model cut to them (``prune_model``) and evaluated on the domain's
-    evaluation documents; rise = loss / full-model loss on the same documents - 1, and its mean over domains."""
+    """Per keep fraction: experts chosen layer-wise from the calibration documents of each domain
+    (``layerwise_subset``), the model cut to them (``prune_model``) and evaluated on the domain's evaluation
+    documents; rise = loss / full-model loss on the same documents - 1, and its mean over domains."""
     from emo_lightning.experts.documents import pack_documents
-    from emo_lightning.experts.prune import prune_model
-    from emo_lightning.experts.routing import FULL
     from emo_lightning.experts.selection import layerwise_subset, parse_keep
+    from emo_lightning.model import FULL, prune_model
 
-    dev = next(model.parameters()).device
     rc = model.cfg.router
-    cpu = cpu_copy(model)
     keeps: dict[str, Any] = {label: {"experts": parse_keep(label, rc), "domains": {}} for label in sz.keep}
     for domain, docs in evals.items():
-        ev = pack_documents(docs, sz.seq_len, sz.eval_batch, pad)
+        ev = pack_documents(docs, seq_len, sz.eval_batch, pad)
         full = mean_loss(model, docs, ev, FULL)
-        cb = pack_tight(calib[domain], sz.seq_len, pad)
+        cb = pack_tight(calib[domain], seq_len, pad)
         for entry in keeps.values():
-            subset = layerwise_subset(cpu, cb, entry["experts"])
-            pruned = prune_model(cpu, subset.layers).to(dev).eval()
+            subset = layerwise_subset(model, cb, entry["experts"])
+            pruned = prune_model(model, subset.layers).eval()
             loss = mean_loss(pruned, docs, ev, FULL)
             del pruned
             entry["domains"][domain] = {
@@ -773,15 +582,25 @@ def eval_keep(
 
 
 def eval_clustering(
-    model: EMOTransformer, evals: dict[str, list[Any]], sz: ProbeSizes, pad: int, seed: int
+    model: EMOTransformer, evals: dict[str, list[Any]], seq_len: int, sz: ProbeSizes, pad: int, seed: int
 ) -> dict[str, Any]:
     """Router clustering of the evaluation documents' tokens against their domains (NMI, purity)."""
+    from emo_lightning.experts.clustering import cluster_tokens, router_features
     from emo_lightning.experts.documents import pack_documents
 
     all_eval = [d for group in evals.values() for d in group]
-    feats, index = router_features_on(model, pack_documents(all_eval, sz.seq_len, sz.eval_batch, pad))
+    feats, index, _ = router_features(model, pack_documents(all_eval, seq_len, sz.eval_batch, pad))
     labels = np.asarray([all_eval[i].domain for i in index])
-    return cluster(feats, labels, sz, seed, next(model.parameters()).device)
+    res = cluster_tokens(
+        feats,
+        labels,
+        sz.clusters,
+        max_tokens=sz.cluster_tokens,
+        seed=seed,
+        device=model.lm_head.weight.device,
+    )
+    res.pop("clusters")
+    return res
 
 
 def failure(err: BaseException) -> str:
@@ -801,6 +620,7 @@ def evaluate(
     val_docs: list[Any],
     calib: dict[str, list[Any]],
     evals: dict[str, list[Any]],
+    seq_len: int,
     sz: ProbeSizes,
     pad: int,
     seed: int,
@@ -811,9 +631,9 @@ def evaluate(
     """Each stage for both models before the next (the full-model gap first), each guarded: a failing stage is
     recorded in ``report["errors"]`` and the others still run; the results are written after every stage."""
     stages = {
-        "full": lambda m: eval_full(m, val_docs, sz, pad),
-        "keep": lambda m: {"keep": eval_keep(m, calib, evals, sz, pad)},
-        "clustering": lambda m: {"clustering": eval_clustering(m, evals, sz, pad, seed)},
+        "full": lambda m: eval_full(m, val_docs, seq_len, sz, pad),
+        "keep": lambda m: {"keep": eval_keep(m, calib, evals, seq_len, sz, pad)},
+        "clustering": lambda m: {"clustering": eval_clustering(m, evals, seq_len, sz, pad, seed)},
     }
     for stage, fn in stages.items():
         for kind in MODELS:
@@ -943,7 +763,8 @@ def routing_table(report: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    sz, rec = report["sizes"], report["recipe"]
+    sz, pm = report["sizes"], report["presets"]
+    a, emo, std = pm["emo"]["arch"], pm["emo"]["router"], pm["standard"]["router"]
     head = [
         f"# gpu-scale-probe {report['timestamp']} ({'dry run' if report['dry'] else 'full run'})",
         "",
@@ -956,13 +777,13 @@ def markdown(report: dict[str, Any]) -> str:
         )
         + ".",
         "",
-        f"Models: d {sz['d_model']}, {sz['n_layers']} layers, {sz['n_heads']} heads, {sz['num_experts']} experts of "
-        f"{sz['expert_hidden']} units, top-{sz['top_k']}, no shared expert; rows {sz['batch_size']} x {sz['seq_len']} "
-        f"tokens. Standard MoE at LR {rec['lr']['standard']:g}, EMO at LR {rec['lr']['emo']:g} with "
-        f"`pool_scope: {rec['pool_scope']}`; balance `{rec['balance']}`"
-        + (f" (gamma {rec['bias_gamma']:g})" if rec["balance"] != "aux_loss" else "")
-        + f"; seed {rec['seed']}; attention {report['attention']}."
-        + (f" Overrides: {rec['overrides']}." if any(rec["overrides"].values()) else ""),
+        f"Models (`{pm['emo']['preset']}`, `{pm['standard']['preset']}`): d {a['d_model']}, {a['n_layers']} layers, "
+        f"{a['n_heads']} heads, {emo['num_experts']} experts of {a['expert_hidden']} units ({emo['num_shared']} "
+        f"shared), top-{emo['top_k']}; rows {pm['emo']['batch_size']} x {pm['emo']['seq_len']} tokens. Standard MoE "
+        f"at LR {pm['standard']['lr']:g}, EMO at LR {pm['emo']['lr']:g} with `pool_scope: {emo['pool_scope']}`; "
+        f"balance `{emo['balance']}`"
+        + (f" (gamma {emo['bias_gamma']:g})" if emo["balance"] != "aux_loss" else "")
+        + f"; seed {emo['seed']}; attention {report['attention']}; standard router `{std['kind']}`.",
         "",
         f"Data: {report['data']['train_tokens']:,} training tokens ({report['data']['epochs']:.2f} epochs per model); "
         f"{report['data']['val_docs']:,} val documents of {len(report['data']['domains'])} domains"
@@ -1033,20 +854,29 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--budget-s", type=float, default=None, help="wall-clock budget of the whole probe (FULL: 450)"
     )
-    ap.add_argument("--lr-emo", type=float, default=3e-3, help="EMO peak LR (CPU study best: 3e-3..6e-3)")
-    ap.add_argument("--lr-standard", type=float, default=1.5e-3, help="standard-MoE peak LR (CPU study best)")
+    ap.add_argument("--lr-emo", type=float, default=None, help="EMO peak LR (default: the preset's, 3e-3)")
     ap.add_argument(
-        "--pool-scope", choices=("running", "document"), default="running", help="EMO pools in training"
+        "--lr-standard", type=float, default=None, help="standard-MoE peak LR (default: the preset's, 1.5e-3)"
     )
-    ap.add_argument("--balance", choices=("aux_loss", "bias", "both"), default="aux_loss", help="both models")
-    ap.add_argument("--bias-gamma", type=float, default=0.01, help="bias update step (balance bias/both)")
+    ap.add_argument(
+        "--pool-scope",
+        choices=("running", "document"),
+        default=None,
+        help="EMO pools in training (preset: running)",
+    )
+    ap.add_argument(
+        "--balance", choices=("aux_loss", "bias", "both"), default=None, help="both models (preset: aux_loss)"
+    )
+    ap.add_argument(
+        "--bias-gamma", type=float, default=None, help="bias update step of balance bias/both (preset: 0.01)"
+    )
     ap.add_argument(
         "--router-emo",
         type=_override,
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any RouterConfig field of the EMO model (repeatable), e.g. pool_min=16",
+        help="any router field of the EMO model (repeatable), e.g. pool_min=16: --model.router.KEY VALUE",
     )
     ap.add_argument("--router-standard", type=_override, action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument(
@@ -1055,7 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="attention backend (auto: FlexAttention on CUDA; falls back to SDPA if it fails)",
     )
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="data, initialisation and router seed")
     ap.add_argument("--save-ckpt", action="store_true", help="write <work-dir>/ckpt/{standard,emo}.ckpt")
     return ap
 
@@ -1068,31 +898,16 @@ def main(argv: list[str]) -> int:
     args.dry = args.dry or dev.type != "cuda"
     sz = DRY if args.dry else FULL
     if args.tokens is not None:
-        if args.tokens < sz.tokens_per_step:
-            raise UserError(f"--tokens {args.tokens:g}: fewer than one step ({sz.tokens_per_step:,} tokens)")
         sz = replace(sz, tokens=int(args.tokens))
     if args.budget_s is not None:
         sz = replace(sz, budget_s=args.budget_s)
-    for name in ("lr_emo", "lr_standard", "bias_gamma"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
     if dev.type == "cpu":
         torch.set_num_threads(1)  # tiny tensors; other jobs share the cores
     import lightning  # noqa: F401  (sets its loggers to INFO on import: quieten them after)
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    recipe = Recipe(
-        lr={"standard": args.lr_standard, "emo": args.lr_emo},
-        pool_scope=args.pool_scope,
-        balance=args.balance,
-        bias_gamma=args.bias_gamma,
-        overrides={"standard": dict(args.router_standard), "emo": dict(args.router_emo)},
-        attention=args.attention,
-        seed=args.seed,
-    )
-    for kind in MODELS:  # a bad override fails before any data work
-        router_config(sz, kind, recipe)
+    load_probes(args, sz, 4096)  # a bad flag fails before any data work (the parser names it)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(machine()["cpu"])
     clock.say(f"gpu-scale-probe on {device_name} ({'dry run' if args.dry else 'full run'})")
 
@@ -1122,21 +937,24 @@ def main(argv: list[str]) -> int:
     clock.say(
         f"data: {shards} ({train_tokens:,} tokens); {len(val_docs):,} val documents of {len(evals)} domains"
     )
-    cfgs = model_configs(sz, recipe, manifest.vocab_size)
+    probes = load_probes(args, sz, manifest.vocab_size)
+    step_tokens, seq_len = probes["emo"].tokens_per_step, probes["emo"].seq_len
+    if sz.tokens < step_tokens:
+        raise UserError(f"--tokens {sz.tokens:g}: fewer than one step ({step_tokens:,} tokens)")
     from emo_lightning.model import param_counts
 
-    pc = param_counts(cfgs["emo"])
+    pc = param_counts(probes["emo"].config)
     clock.say(
         f"model: {pc.total:,} parameters ({pc.active:,} active), "
-        f"{flops_per_token(cfgs['emo'], sz.seq_len) / 1e6:.0f} MFLOP per training token; target {sz.tokens:,} tokens"
+        f"{flops_per_token(probes['emo'].config, seq_len) / 1e6:.0f} MFLOP per training token; target {sz.tokens:,} tokens"
     )
 
     # calibration, plan, training
-    rates, cfgs, fallback = calibrate(cfgs, recipe, sz, shards, dev, clock)
+    rates, probes, fallback = calibrate(probes, sz, shards, dev, clock, args.seed)
     train_deadline = clock.t0 + sz.budget_s - sz.eval_reserve_s
-    steps, target, cut = plan_steps(sz, rates, train_deadline - time.perf_counter())
+    steps, target, cut = plan_steps(sz, step_tokens, rates, train_deadline - time.perf_counter())
     clock.say(
-        f"plan: {steps} steps x {sz.tokens_per_step:,} tokens per model"
+        f"plan: {steps} steps x {step_tokens:,} tokens per model"
         + (f" (time budget: target {target})" if cut else "")
     )
     save = args.work_dir / "ckpt" if args.save_ckpt else None
@@ -1146,7 +964,7 @@ def main(argv: list[str]) -> int:
         share = rates[kind] / per_step if i == 0 else 1.0
         left = train_deadline - time.perf_counter()
         deadline = min(train_deadline, time.perf_counter() + max(left * share * 1.2, 0.0) + 20.0)
-        trained[kind] = train(kind, cfgs[kind], recipe, sz, shards, steps, dev, deadline, clock, save)
+        trained[kind] = train(kind, probes[kind], sz, shards, steps, dev, deadline, clock, save, args.seed)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -1158,8 +976,19 @@ def main(argv: list[str]) -> int:
         "packages": packages,
         "python": platform.python_version(),
         "sizes": asdict(sz),
-        "recipe": asdict(recipe),
-        "attention": cfgs["emo"].arch.attention_backend
+        "presets": {
+            kind: {
+                "preset": PRESETS[kind],
+                "overrides": p.overrides,
+                "arch": asdict(p.config.arch),
+                "router": asdict(p.config.router),
+                "lr": p.preset.optim.lr,
+                "seq_len": p.seq_len,
+                "batch_size": p.batch_size,
+            }
+            for kind, p in probes.items()
+        },
+        "attention": probes["emo"].config.arch.attention_backend
         + (f" (FlexAttention failed: {fallback})" if fallback else ""),
         "data": {
             "train_shards": str(shards),
@@ -1172,7 +1001,7 @@ def main(argv: list[str]) -> int:
         },
         "calibration_s_per_step": rates,
         "plan": {"steps": steps, "target_steps": target, "cut": cut},
-        "flops_per_token": flops_per_token(cfgs["emo"], sz.seq_len),
+        "flops_per_token": flops_per_token(probes["emo"].config, seq_len),
         "training": {k: t.info() for k, t in trained.items()},
         "models": {},
         "errors": {},
@@ -1182,7 +1011,7 @@ def main(argv: list[str]) -> int:
     write(args.out, report)
 
     # evaluation
-    evaluate(trained, val_docs, calib, evals, sz, pad, args.seed, clock, report, args.out)
+    evaluate(trained, val_docs, calib, evals, seq_len, sz, pad, args.seed, clock, report, args.out)
     report["complete"] = not report["errors"]
     report["deepspeed_imported"] = deepspeed_loaded()
     report["elapsed_s"] = round(clock(), 1)

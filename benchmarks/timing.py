@@ -101,6 +101,18 @@ def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+# CPU clock: "wall" (perf_counter) or "cpu" (the process's CPU time: on a machine shared with other jobs it counts
+# only this process's work, so paired ratios stay meaningful under load; ``benchmarks.run --clock cpu``)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
+def set_clock(name: str) -> None:
+    """Time CPU benchmarks by wall time or by process CPU time (GPU timings always use CUDA events)."""
+    global _clock
+    _clock = CLOCKS[name]
+
+
 def _time_once(fn: Callable[[], object], dev: torch.device) -> float:
     if dev.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -109,9 +121,9 @@ def _time_once(fn: Callable[[], object], dev: torch.device) -> float:
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+    t0 = _clock()
     fn()
-    return time.perf_counter() - t0
+    return _clock() - t0
 
 
 def measure(

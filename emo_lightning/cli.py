@@ -24,16 +24,16 @@ from emo_lightning.callbacks import DomainTokenMonitor, ExpertUsageMonitor, Toke
 from emo_lightning.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossError
 from emo_lightning.callbacks.preemption import PreemptionCheckpoint
 from emo_lightning.callbacks.safe_checkpoint import SafeModelCheckpoint
-from emo_lightning.checkpointing import (
+from emo_lightning.checkpoint import (
     CheckpointWriteError,
     CorruptCheckpointError,
     is_complete_checkpoint,
     preflight_checkpoint_dir,
+    read_checkpoint,
 )
 from emo_lightning.data import ShardDataModule
 from emo_lightning.data.dataset import ShardFailureError
 from emo_lightning.errors import UserError, run_cli
-from emo_lightning.experts.checkpoint import read_checkpoint
 from emo_lightning.lit_module import EMOLitModule
 
 # Lightning's special ``ckpt_path`` values (resolved by the trainer, not paths)

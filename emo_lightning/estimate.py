@@ -10,11 +10,11 @@ The figures come from :mod:`emo_lightning.parallel.cost` (the rank's model built
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from emo_lightning.errors import ArgumentParser, UserError
 from emo_lightning.parallel.cost import PRECISIONS, Layout, estimate, estimate_json, format_estimate
+from emo_lightning.presets import compose, model_config
 
 DEEPSPEED_DEFAULTS = {"stage": 2, "ep_size": 1, "reduce_bucket_size": 200_000_000, "overlap_comm": True}
 
@@ -37,31 +37,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--exchange", choices=("variable", "padded"), help="trainer.strategy.init_args.exchange")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
-
-
-def compose(config: str, overrides: list[str]) -> Any:
-    """The experiment's composed configuration (``emo fit``'s parser, nothing instantiated)."""
-    from emo_lightning.cli import EMOCLI  # the CLI's parser: Lightning and the data module classes
-    from emo_lightning.data import ShardDataModule
-    from emo_lightning.lit_module import EMOLitModule
-
-    class _ParseOnly(EMOCLI):
-        def instantiate_classes(self) -> None:  # no trainer, no model, no data module
-            pass
-
-        def _set_seed(self) -> None:
-            pass
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "args and sys.argv both given": args is what we mean
-        cli = _ParseOnly(
-            EMOLitModule,
-            ShardDataModule,
-            run=False,
-            args=["--config", config, *overrides],
-            parser_kwargs={"default_env": True},
-        )
-    return cli.config
 
 
 def layout_from(config: Any, args: Any) -> Layout:
@@ -110,13 +85,6 @@ def main(argv: list[str]) -> None:
     if bad:
         raise UserError(f"unknown option {bad[0]}", "`emo estimate --help` lists the options")
     config = compose(args.config, overrides)
-    from emo_lightning.model import ArchConfig, ModelConfig, RouterConfig
-
-    def section(ns: Any) -> dict:
-        return {k: v for k, v in vars(ns).items() if not k.startswith("__")}
-
-    cfg = ModelConfig(
-        arch=ArchConfig(**section(config.model.arch)), router=RouterConfig(**section(config.model.router))
-    )
+    cfg = model_config(config)
     est = estimate(cfg, layout_from(config, args))
     print(estimate_json(est) if args.json else format_estimate(est, args.config))

@@ -20,13 +20,11 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
+from emo_lightning.checkpoint import load_model
 from emo_lightning.errors import ArgumentParser, UserError
-from emo_lightning.experts.checkpoint import load_model
 from emo_lightning.experts.documents import DEFAULT_TOKENIZER, DocumentTokenizer
-from emo_lightning.experts.prune import prune_model
-from emo_lightning.experts.routing import Routing, eval_routing, parse_routing
 from emo_lightning.experts.selection import Subset
-from emo_lightning.model import DecodeCache, EMOTransformer, derive_seed
+from emo_lightning.model import DecodeCache, EMOTransformer, Routing, derive_seed, parse_routing, prune_model
 
 _SAMPLE_STREAM = 0x5A3F1E
 
@@ -250,7 +248,7 @@ def main(argv: list[str]) -> None:
     stream = args.prompt is not None and out is None
     start, n_tokens = time.perf_counter(), 0
     try:
-        with eval_routing(model, args.routing):
+        with model.routing(args.routing):
             for first, batch in _batches(prompts, args.batch_size):
                 on_token = TextStream(tok, sys.stdout) if stream else None
                 results = generate(model, batch, sampling, tok.eos_id, first, on_token)

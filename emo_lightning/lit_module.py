@@ -13,13 +13,12 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from emo_lightning.checkpointing import CheckpointMismatchError
+from emo_lightning.checkpoint import CheckpointMismatchError, describe_mismatch, load_weights
 from emo_lightning.errors import UserError
-from emo_lightning.experts.checkpoint import describe_mismatch, load_weights
 from emo_lightning.metrics import DomainLoss, TokenPerplexity
 from emo_lightning.model import (
+    IGNORE_INDEX,
     ArchConfig,
     EMOTransformer,
     GlobalLoadBalance,
@@ -29,15 +28,13 @@ from emo_lightning.model import (
     RouterConfig,
     derive_seed,
     flops_per_token,
+    objective,
+    token_cross_entropy,
 )
 from emo_lightning.optim import OptimConfig, build_optimizer
 
-IGNORE_INDEX = -100
 # Lightning shows its own INFO lines on every rank; the startup line joins them (same handler, same settings).
 startup_log = logging.getLogger("lightning.pytorch.emo_lightning")
-
-# Checkpoints store the typed configs as hyper-parameters; allow them under torch's weights_only loading.
-torch.serialization.add_safe_globals([ArchConfig, RouterConfig, OptimConfig])
 
 
 class EMOLitModule(L.LightningModule):
@@ -144,12 +141,6 @@ class EMOLitModule(L.LightningModule):
             route_probs=False,
         )
 
-    def _token_ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token cross-entropy ``(B*S,)`` in fp32; 0 where the label is ignored."""
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        )
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.trainer.global_step != self._step_started:
             self._start_optimizer_step(self.trainer.global_step)
@@ -158,10 +149,7 @@ class EMOLitModule(L.LightningModule):
             self._flops_per_batch = flops_per_token(self.config, seq) * rows * seq  # training FLOPs
         out = self(batch, balance=self.balance, return_routes=self.collect_routes)
         self.last_routing = out.layers if self.collect_routes else None
-        labels = batch["labels"]
-        n_targets = (labels != IGNORE_INDEX).sum()
-        ce = self._token_ce(out.logits, labels).sum() / n_targets.clamp_min(1)
-        loss = ce + out.aux_loss
+        loss, ce, n_targets = objective(out.logits, batch["labels"], out.aux_loss)
         self.loss_terms = {"CE": ce.detach(), "LB": out.lb_loss.detach(), "z-loss": out.z_loss.detach()}
         if out.lm_z_loss is not None:
             self.loss_terms["LM z-loss"] = out.lm_z_loss.detach()
@@ -202,7 +190,7 @@ class EMOLitModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(batch)  # local balance statistics only: no collectives in validation
         labels = batch["labels"].flatten()
-        token_loss = self._token_ce(out.logits, batch["labels"])
+        token_loss = token_cross_entropy(out.logits, batch["labels"])
         valid = labels != IGNORE_INDEX
         n_targets = valid.sum()
         ce = token_loss.sum() / n_targets.clamp_min(1)

@@ -1,11 +1,13 @@
-"""Measured vs estimated resident memory of one rank: ZeRO-2 + expert parallelism on CPU processes (gloo).
+"""Measured vs estimated resident memory of every rank: ZeRO-2 + expert parallelism on CPU processes (gloo).
 
-``torchrun --standalone --nproc_per_node 4 scripts/ep_memory.py [--ep-size 2] [--out memory.json]``
+``torchrun --standalone --nproc_per_node 4 scripts/ep_memory.py [--ep-size 2] [--size study|small] [--out DIR]``
 
-Every rank builds its rank-local model of a ~0.4 B-parameter config (fp32), wraps it in a DeepSpeed ZeRO-2 engine
-and runs two optimizer steps, reading its resident set (``/proc/self/status``) after each stage and its peak
-(VmHWM, reset before each stage). Rank 0 prints its growth over the baseline (after imports and process groups)
-next to ``emo estimate``'s figures for the same layout (``emo_lightning.parallel.cost``); ``--out`` writes both.
+Every rank builds its rank-local model (``study``: a 0.22 B-parameter config; ``small``: 56 M, the test's), fp32,
+wraps it in a DeepSpeed ZeRO-2 engine and runs two optimizer steps, reading its resident set
+(``/proc/self/status``) after each stage and its peak (VmHWM, reset before each stage). Rank 0 prints its growth
+over the baseline (after imports and process groups) next to ``emo estimate``'s figures for the same layout
+(``emo_lightning.parallel.cost``); ``--out DIR`` writes every rank's measurements and the estimate of its layout
+to ``DIR/rank<r>.json`` (``tests/parallel/test_estimate.py`` holds the estimate against them).
 """
 
 from __future__ import annotations
@@ -17,19 +19,28 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from emo_lightning.model import ArchConfig, GlobalLoadBalance, ModelConfig, RouterConfig
+from emo_lightning.model import ArchConfig, GlobalLoadBalance, ModelConfig, RouterConfig, objective
 from emo_lightning.optim import OptimConfig, build_optimizer
 from emo_lightning.parallel import build_expert_parallel_model
 from emo_lightning.parallel.cost import Layout, estimate
 
 GB = 1e9
 MICRO_BATCH, SEQ, BUCKET = 4, 256, 50_000_000
-CFG = ModelConfig(
-    arch=ArchConfig(vocab_size=4096, d_model=512, n_layers=4, n_heads=8, expert_hidden=512, max_seq_len=SEQ),
-    router=RouterConfig(kind="emo", num_experts=32, num_shared=1, top_k=4),
-)
+CONFIGS = {
+    "study": ModelConfig(
+        arch=ArchConfig(
+            vocab_size=4096, d_model=512, n_layers=4, n_heads=8, expert_hidden=512, max_seq_len=SEQ
+        ),
+        router=RouterConfig(kind="emo", num_experts=32, num_shared=1, top_k=4),
+    ),
+    "small": ModelConfig(
+        arch=ArchConfig(
+            vocab_size=4096, d_model=256, n_layers=4, n_heads=4, expert_hidden=512, max_seq_len=SEQ
+        ),
+        router=RouterConfig(kind="emo", num_experts=32, num_shared=1, top_k=4),
+    ),
+}
 
 
 def status() -> dict[str, int]:
@@ -49,19 +60,21 @@ class LossModel(torch.nn.Module):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.balance = GlobalLoadBalance.for_model(CFG)
+        self.balance = GlobalLoadBalance.for_model(model.cfg)
 
     def forward(self, ids: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
         self.balance.reset()
         out = self.model(ids, doc, balance=self.balance)
-        return F.cross_entropy(out.logits.flatten(0, 1).float(), ids.roll(-1, 1).flatten()) + out.aux_loss
+        return objective(out.logits, ids.roll(-1, 1), out.aux_loss)[0]  # next token (memory only: no masking)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ep-size", type=int, default=2)
-    p.add_argument("--out", default=None)
+    p.add_argument("--size", choices=sorted(CONFIGS), default="study")
+    p.add_argument("--out", default=None, help="folder: every rank writes rank<r>.json")
     args = p.parse_args()
+    cfg = CONFIGS[args.size]
     deepspeed.init_distributed("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
@@ -76,7 +89,7 @@ def main() -> None:
 
     reset_peak()
     torch.manual_seed(0)
-    model = build_expert_parallel_model(CFG, args.ep_size)
+    model = build_expert_parallel_model(cfg, args.ep_size)
     mark("construction")
     engine, *_ = deepspeed.initialize(
         model=LossModel(model),
@@ -96,7 +109,7 @@ def main() -> None:
     mark("engine")
     g = torch.Generator().manual_seed(rank)
     for step in range(2):
-        ids = torch.randint(0, CFG.arch.vocab_size, (MICRO_BATCH, SEQ), generator=g)
+        ids = torch.randint(0, cfg.arch.vocab_size, (MICRO_BATCH, SEQ), generator=g)
         doc = (torch.rand(MICRO_BATCH, SEQ, generator=g) < 0.01).long().cumsum(1)
         engine.backward(engine(ids, doc))
         engine.step()
@@ -113,17 +126,20 @@ def main() -> None:
         overlap_comm=True,
         dense_attention_mask=True,  # SDPA with a document mask on CPU
     )
-    est = estimate(CFG, layout)
+    est = estimate(cfg, layout)  # EP rank 0's layout: the fullest rank
     if rank == 0:
         print(f"rank 0/{world}, ep_size {args.ep_size}: resident growth over the baseline (GB)")
         for name, v in stages.items():
             print(f"  {name:<13} now {v['rss']:6.2f}   peak during the stage {v['peak']:6.2f}")
         print("estimate (GB): " + ", ".join(f"{k} {v / GB:.2f}" for k, v in est.memory.items()))
         print(f"  total {est.total_memory / GB:.2f}")
-        if args.out:
-            Path(args.out).write_text(
-                json.dumps({"measured": stages, "estimate": est.to_dict()}, default=str)
-            )
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        memory = {k: v / GB for k, v in est.memory.items()}
+        result = {"measured": stages, "estimate": memory, "estimate_total": est.total_memory / GB}
+        result["model_GB"] = model.parameter_summary().bytes / GB
+        (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -27,11 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from emo_lightning.experts.checkpoint import load_model, read_checkpoint, save_checkpoint  # noqa: E402
+from emo_lightning.checkpoint import load_model, read_checkpoint, save_checkpoint  # noqa: E402
 from emo_lightning.experts.documents import DocumentTokenizer, load_documents, pack_documents  # noqa: E402
 from emo_lightning.experts.evaluate import evaluate  # noqa: E402
-from emo_lightning.experts.prune import prune_model  # noqa: E402
 from emo_lightning.experts.selection import compose_subsets, layerwise_subset, random_subset  # noqa: E402
+from emo_lightning.model import prune_model  # noqa: E402
 
 CONFIGS = {
     "emo": "conf/studies/emo_shared8_fine64.yaml",
@@ -75,10 +75,9 @@ def shards(corpus: Path, domains: list[str], out: Path) -> Path:
 
 def loss(ckpt: Path | str, docs_path: Path, model=None) -> float:
     model = model if model is not None else load_model(ckpt).model
-    model.set_eval_pool(None)  # full routing over the model's (kept) experts
     tok = DocumentTokenizer(TOKENIZER)
     docs = load_documents(docs_path, tok)
-    return evaluate(model, docs, seq_len=256, batch_size=16, pad_id=tok.pad_id)["all"]["loss"]
+    return evaluate(model, docs, seq_len=256, batch_size=16, pad_id=tok.pad_id)["all"]["loss"]  # full routing
 
 
 def prune_to(ckpt: str, subset, out: Path) -> Path:

@@ -9,7 +9,7 @@ import torch
 import yaml
 from jsonargparse import Namespace
 
-from emo_lightning.checkpointing import CheckpointMismatchError
+from emo_lightning.checkpoint import CheckpointMismatchError
 from emo_lightning.cli import EMOCLI, build_cli, main
 from emo_lightning.data import ShardDataModule
 from emo_lightning.errors import ConfigError

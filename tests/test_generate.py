@@ -10,10 +10,8 @@ import pytest
 import torch
 
 from emo_lightning.cli import main
-from emo_lightning.experts.prune import prune_model
-from emo_lightning.experts.routing import eval_routing, parse_routing
 from emo_lightning.generate import Sampling, generate
-from emo_lightning.model import EMOTransformer
+from emo_lightning.model import FULL, EMOTransformer, parse_routing, prune_model
 from tests.experts.conftest import tiny_model, write_checkpoint
 
 PROMPTS = [[5, 9, 33, 7], [100, 2, 8, 8, 301, 44, 12, 9, 3], [77]]
@@ -33,7 +31,7 @@ def test_greedy_equals_argmax_over_full_forwards(routing: str) -> None:
     if routing == "subset":
         model, routing = prune_model(model, [[0, 2, 5], [1, 3, 4], [0, 6, 7]]), "running:2"
     greedy = Sampling(max_new_tokens=10, temperature=0)
-    with eval_routing(model, parse_routing(routing)):
+    with model.routing(parse_routing(routing)):
         for prompt in PROMPTS:
             ((tokens, finish),) = generate(model, [prompt], greedy, eos_id=-1)
             assert tokens == _argmax_loop(model, prompt, 10) and finish == "length"
@@ -45,7 +43,7 @@ def test_greedy_equals_argmax_over_full_forwards(routing: str) -> None:
 @torch.no_grad()
 def test_a_batch_gives_the_same_text_as_one_prompt_at_a_time(sampling: Sampling) -> None:
     model = tiny_model()
-    with eval_routing(model, parse_routing("running:3")):
+    with model.routing(parse_routing("running:3")):
         batched = generate(model, PROMPTS, sampling, eos_id=-1)
         alone = [generate(model, [p], sampling, eos_id=-1, first_index=i)[0] for i, p in enumerate(PROMPTS)]
         assert batched == alone
@@ -58,11 +56,13 @@ def test_a_batch_gives_the_same_text_as_one_prompt_at_a_time(sampling: Sampling)
 @torch.no_grad()
 def test_eos_stops_a_row() -> None:
     model = tiny_model().eval()
-    model.set_eval_pool(None)
-    first = _argmax_loop(model, PROMPTS[0], 3)
-    (tokens, finish), (other, _) = generate(model, PROMPTS[:2], Sampling(8, temperature=0), eos_id=first[2])
-    assert (tokens, finish) == (first[:2], "eos")  # the EOS itself is not part of the text
-    assert len(other) == 8 or first[2] in _argmax_loop(model, PROMPTS[1], 8)
+    with model.routing(FULL):
+        first = _argmax_loop(model, PROMPTS[0], 3)
+        (tokens, finish), (other, _) = generate(
+            model, PROMPTS[:2], Sampling(8, temperature=0), eos_id=first[2]
+        )
+        assert (tokens, finish) == (first[:2], "eos")  # the EOS itself is not part of the text
+        assert len(other) == 8 or first[2] in _argmax_loop(model, PROMPTS[1], 8)
 
 
 def test_the_command_writes_json_lines_and_refuses_in_one_line(tmp_path: Path, capsys) -> None:

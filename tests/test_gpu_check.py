@@ -1,4 +1,5 @@
-"""``make gpu-check`` in its CPU dry mode, on a node without the optional packages (so that it cannot rot)."""
+"""``make gpu-check`` in its CPU dry mode, on a node without DeepSpeed (so that it cannot rot), and with a
+required package missing (a check that cannot run FAILs, exit 1)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from benchmarks.gpu_check import CONF, REPO, flat_yaml, guarded, packed_doc_ids, sync_site
+from benchmarks.gpu_check import REPO, guarded, sync_site
+from benchmarks.inputs import packed_doc_ids
 
 ROOT = Path(__file__).resolve().parents[1]
-# what an air-gapped GPU node may lack: blocked as a None entry in sys.modules (import raises ModuleNotFound)
-BLOCKED = ("deepspeed", "webdataset", "jsonargparse", "omegaconf")
+# what a GPU image lacks and gpu-check does not need (the wheels of the others are carried): blocked as a None
+# entry in sys.modules (import raises ModuleNotFound)
+BLOCKED = ("deepspeed",)
 RUNNABLE = (  # the checks the dry mode can run on a CPU: each must PASS
     "emo_lightning.model imports only torch",
     "FlexAttention doc mask vs SDPA bool mask, fp32",
@@ -28,17 +30,20 @@ RUNNABLE = (  # the checks the dry mode can run on a CPU: each must PASS
 )
 
 
+def _dry_run(out: Path, blocked: tuple[str, ...], *flags: str) -> subprocess.CompletedProcess:
+    code = (
+        "import sys\n"
+        f"sys.modules.update(dict.fromkeys({blocked!r}))\n"
+        "from benchmarks.gpu_check import main\n"
+        f"sys.exit(main(['--cpu', '--out', {str(out)!r}, *{list(flags)!r}]))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("gpu_check")
-    code = (
-        "import sys\n"
-        f"sys.modules.update(dict.fromkeys({BLOCKED!r}))\n"
-        "from benchmarks.gpu_check import main\n"
-        f"sys.exit(main(['--cpu', '--out', {str(out)!r}]))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    return proc, out
+    return _dry_run(out, BLOCKED), out
 
 
 def test_dry_run_passes_and_writes_results(dry_run: tuple[subprocess.CompletedProcess, Path]) -> None:
@@ -58,23 +63,26 @@ def test_dry_run_passes_and_writes_results(dry_run: tuple[subprocess.CompletedPr
         if name.startswith("no host sync"):
             assert (r["status"], r["note"]) == ("SKIP", "CUDA only")
     assert (rows["DeepSpeed MoE layer"]["status"], rows["DeepSpeed MoE layer"]["note"]) == (
-        "SKIP",
-        "missing: deepspeed",
+        "INFO",
+        "not run: deepspeed is not installed (optional)",
     )
-    assert "SKIP (missing: deepspeed)" in proc.stdout
     assert "emo_lightning.parallel.expert_parallel (missing: deepspeed)" in rows["project modules"]["note"]
     perf = [r for r in report["results"] if r["section"] == "performance" and r["status"] == "INFO"]
     assert {"tiny (dry) step, EMO / standard", "router: loop reference / EMO, 64 docs/row"} <= {
         r["name"] for r in perf
     }
-    assert all(r["value"] for r in perf)
+    assert all(r["value"] for r in perf if not r["note"].startswith("not run"))
 
 
-def test_flat_yaml_reader_without_pyyaml(monkeypatch: pytest.MonkeyPatch) -> None:
-    presets = [CONF / "arch" / "small.yaml", CONF / "router" / "emo_small.yaml"]
-    expected = [yaml.safe_load(p.read_text()) for p in presets]
-    monkeypatch.setitem(sys.modules, "yaml", None)
-    assert [flat_yaml(p) for p in presets] == expected
+def test_a_check_that_cannot_run_for_a_missing_package_fails(tmp_path: Path) -> None:
+    """Without jsonargparse (the presets' parser) the model checks cannot run: FAIL naming it, exit status 1."""
+    proc = _dry_run(tmp_path, ("deepspeed", "jsonargparse"), "--only", "correctness")
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["name"]: r for r in json.loads((tmp_path / "gpu-check-latest.json").read_text())["results"]}
+    failed = {name for name, r in rows.items() if r["status"] == "FAIL"}
+    assert "bf16 training step" in failed and "Lightning fit logs MFU" in failed
+    assert all("missing: jsonargparse" in rows[name]["note"] for name in failed)
+    assert not any(r["status"] == "SKIP" and "missing" in r["note"] for r in rows.values())
 
 
 def test_packed_doc_ids() -> None:
@@ -87,7 +95,7 @@ def test_packed_doc_ids() -> None:
         assert (lengths[:-1] >= 8).all()  # all but the cut last document have >= 8 tokens
 
 
-def test_guarded_skips_missing_packages_and_fails_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_guarded_fails_missing_packages_except_optional_references(monkeypatch: pytest.MonkeyPatch) -> None:
     def needs_deepspeed() -> list:
         import deepspeed.moe.layer  # noqa: F401
 
@@ -96,9 +104,17 @@ def test_guarded_skips_missing_packages_and_fails_errors(monkeypatch: pytest.Mon
     def broken() -> list:
         raise RuntimeError("boom")
 
+    def needs_jsonargparse() -> list:
+        import jsonargparse  # noqa: F401
+
+        return []
+
     monkeypatch.setitem(sys.modules, "deepspeed", None)
+    monkeypatch.setitem(sys.modules, "jsonargparse", None)
     (r,) = guarded("performance", "ds", needs_deepspeed)
-    assert (r.status, r.note, r.cells()[2]) == ("SKIP", "missing: deepspeed", "SKIP (missing: deepspeed)")
+    assert (r.status, r.note) == ("INFO", "not run: deepspeed is not installed (optional)")
+    (r,) = guarded("correctness", "needs jsonargparse", needs_jsonargparse)
+    assert r.status == "FAIL" and r.note.startswith("missing: jsonargparse")
     (r,) = guarded("correctness", "x", broken)
     assert r.status == "FAIL" and r.note.startswith("RuntimeError: boom at tests/test_gpu_check.py:")
 

@@ -1,4 +1,5 @@
-"""``make gpu-scale-probe`` in its CPU dry mode, on a node without the optional packages (so that it cannot rot)."""
+"""``make gpu-scale-probe`` in its CPU dry mode, on a simulated bare GPU node with the carried wheels (so that it
+cannot rot)."""
 
 from __future__ import annotations
 
@@ -14,40 +15,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import normalized_mutual_info_score
 
 from benchmarks.scale_probe import (
     DRY,
     FULL,
     PROG,
     Clock,
-    Recipe,
     Trained,
-    cluster_torch,
-    document_losses_on,
+    build_parser,
     evaluate,
-    nmi_score,
+    load_probes,
     plan_steps,
-    router_config,
-    router_features_on,
 )
 from data_tools.errors import run_cli
-from emo_lightning.experts.clustering import cluster_tokens, router_features
-from emo_lightning.experts.documents import Document, pack_documents
-from emo_lightning.experts.evaluate import document_losses
-from emo_lightning.experts.routing import Routing
+from emo_lightning.experts.documents import Document
 from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterConfig
 from tests.conftest import cut_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE = ("torch", "lightning", "torchmetrics", "tensorboard", "tokenizers")  # what a bare GPU node has
-WHEELS = ("webdataset", "braceexpand")  # brought along as pure-Python wheels (docs/performance.md)
+# brought along as pure-Python wheels (make gpu-prepare, docs/performance.md)
+WHEELS = ("webdataset", "braceexpand", "jsonargparse", "docstring_parser", "typeshed_client", "omegaconf")
 
 
 def node_site(out: Path, roots: tuple[str, ...]) -> Path:
     """A site folder holding only ``roots`` and what they require (symlinks into this environment): run with
     ``python -S`` and ``PYTHONPATH=<it>:<repo>``, the interpreter sees a node where nothing else is installed
-    (no deepspeed, jsonargparse, omegaconf, scikit-learn, matplotlib...)."""
+    (no deepspeed, scikit-learn, matplotlib...)."""
 
     def norm(name: str) -> str:
         return re.sub(r"[-_.]+", "-", name).lower()
@@ -94,14 +88,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def dry_run(
     corpus: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[subprocess.CompletedProcess, Path]:
-    """The dry run on a simulated bare node with the two wheels, from a corpus (no shards yet)."""
+    """The dry run on a simulated bare node with the carried wheels, from a corpus (no shards yet)."""
     tmp = tmp_path_factory.mktemp("scale_probe")
     args = ["--dry", "--corpus", str(corpus), "--work-dir", str(tmp / "work"), "--out", str(tmp / "out")]
     code = (
         "import sys\n"
         "from benchmarks.scale_probe import main\n"
         f"rc = main({args!r})\n"
-        "absent = [m for m in ('deepspeed', 'jsonargparse', 'omegaconf', 'sklearn') if m in sys.modules]\n"
+        "absent = [m for m in ('deepspeed', 'sklearn', 'matplotlib') if m in sys.modules]\n"
         "sys.exit(rc or (3 if absent else 0))\n"
     )
     return run_on_node(node_site(tmp / "site", NODE + WHEELS), code), tmp / "out"
@@ -118,21 +112,21 @@ def test_dry_run_trains_evaluates_and_writes_results(
     assert report["data"]["built_now"]  # no shards: built from the corpus, as on a bare device node
     assert report["data"]["domains"] == ["code", "literature", "math", "science"]
     assert len(list(out.glob("scale_probe-cpu-*.json"))) == 1 and (out / "scale_probe-latest.md").is_file()
-    steps = report["plan"]["steps"]
-    assert steps == DRY.tokens // DRY.tokens_per_step and not report["plan"]["cut"]
+    steps, step_tokens = report["plan"]["steps"], 4 * 64  # the dry rows: 4 x 64 tokens
+    assert steps == DRY.tokens // step_tokens and not report["plan"]["cut"]
     for kind in ("standard", "emo"):
         tr = report["training"][kind]
-        assert (
-            tr["steps"] == steps and tr["tokens"] == steps * DRY.tokens_per_step and not tr["stopped_early"]
-        )
+        assert tr["steps"] == steps and tr["tokens"] == steps * step_tokens and not tr["stopped_early"]
         m = report["models"][kind]
-        assert m["router"]["kind"] == kind and m["router"]["num_experts"] == DRY.num_experts
+        assert m["router"]["kind"] == kind and m["router"]["num_experts"] == 8
         assert np.isfinite(m["full"]["loss"]) and m["full"]["tokens"] > 0
         assert set(m["keep"]) == {"0.25", "0.125"}
         assert m["keep"]["0.25"]["experts"] == 2 and len(m["keep"]["0.25"]["domains"]) == 4
-        assert m["clustering"]["method"].startswith("torch")  # no scikit-learn on the node
+        assert m["clustering"]["method"] == "spherical k-means (torch)"  # the toolkit's, no scikit-learn
         assert 0.0 <= m["clustering"]["nmi"] <= 1.0
-    assert report["models"]["emo"]["router"]["pool_scope"] == "running"
+    assert report["models"]["emo"]["router"]["pool_scope"] == "running"  # the preset's recipe
+    assert report["presets"]["emo"]["preset"] == "conf/studies/emo_scale_probe.yaml"
+    assert (report["presets"]["emo"]["lr"], report["presets"]["standard"]["lr"]) == (3e-3, 1.5e-3)
     assert set(report["models"]["emo"]["routing"]) == {"full", "running:2", "running:4"}
     assert set(report["models"]["standard"]["routing"]) == {"full"}
     s = report["summary"]
@@ -147,9 +141,9 @@ def test_user_errors_are_one_line(
 ) -> None:
     cases = [
         (["--dry", "--corpus", str(tmp_path / "nowhere")], "--corpus"),
-        (["--dry", "--router-emo", "pool_minn=3"], "did you mean pool_min?"),
+        (["--dry", "--router-emo", "pool_minn=3"], "did you mean --model.router.pool_min?"),
         (["--dry", "--router-emo", "pool_min=1"], "router.pool_min"),
-        (["--dry", "--lr-emo", "-1"], "--lr-emo"),
+        (["--dry", "--lr-emo", "-1"], "optim.lr"),
         (["--dry", "--corpus", str(corpus), "--tokenizer", str(tmp_path / "tok.json")], "--tokenizer"),
     ]
     monkeypatch.setattr("benchmarks.scale_probe.REPO", tmp_path)  # no bundled shards to fall back on
@@ -164,74 +158,33 @@ def test_user_errors_are_one_line(
         assert err.startswith(f"{PROG}: ") and "\n" not in err and needle in err, err
 
 
-def test_router_overrides_are_typed() -> None:
-    recipe = Recipe(overrides={"standard": {}, "emo": {"pool_min": "16", "normalize_weights": "true"}})
-    rc = router_config(FULL, "emo", recipe)
-    assert (rc.pool_min, rc.normalize_weights, rc.pool_scope, rc.num_shared, rc.top_k) == (
-        16,
-        True,
-        "running",
-        0,
+def test_flags_override_the_presets() -> None:
+    args = build_parser().parse_args(
+        ["--router-emo", "pool_min=16", "--router-emo", "normalize_weights=true", "--balance", "bias",
+         "--bias-gamma", "0.002", "--lr-standard", "1e-3"]
+    )  # fmt: skip
+    probes = load_probes(args, FULL, 5000)
+    emo, std = probes["emo"].config, probes["standard"].config
+    assert (emo.router.pool_min, emo.router.normalize_weights, emo.router.pool_scope) == (16, True, "running")
+    assert (emo.router.num_experts, emo.router.top_k, emo.arch.d_model, emo.arch.vocab_size) == (
+        64,
         8,
+        512,
+        5000,
     )
-    std = router_config(FULL, "standard", Recipe(balance="bias", bias_gamma=0.002))
-    assert (std.kind, std.balance, std.bias_gamma, std.pool_scope) == ("standard", "bias", 0.002, "document")
+    assert (std.router.kind, std.router.balance, std.router.bias_gamma, std.router.pool_scope) == (
+        "standard", "bias", 0.002, "document",
+    )  # fmt: skip
+    assert (probes["emo"].preset.optim.lr, probes["standard"].preset.optim.lr) == (3e-3, 1e-3)
+    assert probes["emo"].tokens_per_step == 64 * 1024
 
 
 def test_plan_steps_fits_the_budget() -> None:
-    target = FULL.tokens // FULL.tokens_per_step + 1  # 50M tokens / 65,536 per step, rounded up
-    assert plan_steps(FULL, {"standard": 0.05, "emo": 0.06}, 300.0) == (target, target, False)
-    steps, _, cut = plan_steps(FULL, {"standard": 0.2, "emo": 0.3}, 300.0)
+    per_step = 64 * 1024
+    target = FULL.tokens // per_step + 1  # 50M tokens / 65,536 per step, rounded up
+    assert plan_steps(FULL, per_step, {"standard": 0.05, "emo": 0.06}, 300.0) == (target, target, False)
+    steps, _, cut = plan_steps(FULL, per_step, {"standard": 0.2, "emo": 0.3}, 300.0)
     assert cut and steps * 0.5 * 1.15 <= 300.0 - 30.0
-
-
-def test_nmi_matches_scikit_learn() -> None:
-    rng = np.random.default_rng(0)
-    for n, a, b in ((500, 4, 7), (50, 2, 2), (300, 8, 32)):
-        x, y = rng.integers(0, a, n), rng.integers(0, b, n)
-        assert nmi_score(x, y) == pytest.approx(normalized_mutual_info_score(x, y), abs=1e-12)
-        assert nmi_score(x, x) == pytest.approx(1.0)
-    assert (
-        nmi_score(np.zeros(5), np.zeros(5)) == normalized_mutual_info_score(np.zeros(5), np.zeros(5)) == 1.0
-    )
-    assert nmi_score(np.arange(4) % 2, np.zeros(4)) == normalized_mutual_info_score(
-        np.arange(4) % 2, np.zeros(4)
-    )
-
-
-def test_torch_clustering_agrees_with_the_toolkit() -> None:
-    """Four well-separated groups of router-like features: both methods recover the labels."""
-    rng = np.random.default_rng(1)
-    centres = rng.dirichlet(np.ones(16), size=4) * 4
-    labels = np.repeat(np.array(["a", "b", "c", "d"]), 300)
-    feats = (centres[np.repeat(np.arange(4), 300)] + rng.normal(0, 0.02, (1200, 16))).astype(np.float32)
-    ours = cluster_torch(feats, labels, k=4, max_tokens=1000, seed=0, dev=torch.device("cpu"))
-    ref = cluster_tokens(feats, labels, 4, max_tokens=1000, seed=0)
-    assert ours["tokens"] == ref["tokens"] == 1000 and ours["pca_dims"] == ref["pca_dims"]
-    assert ours["nmi"] == pytest.approx(ref["nmi"], abs=1e-6) and ours["nmi"] > 0.99
-    assert ours["purity"] == pytest.approx(ref["purity"])
-
-
-def test_device_evaluation_matches_the_toolkit_on_cpu() -> None:
-    """The probe's device-side loss and feature loops give the toolkit's CPU results."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        arch=ArchConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, expert_hidden=8, max_seq_len=32),
-        router=RouterConfig(num_experts=8, num_shared=0, top_k=2, pool_scope="running"),
-    )
-    model = EMOTransformer(cfg).eval()
-    gen = np.random.default_rng(0)
-    docs = [Document(str(i), "ab"[i % 2], gen.integers(2, 64, gen.integers(3, 40))) for i in range(12)]
-    batches = pack_documents(docs, 32, 3, pad_id=1)
-    for routing in (Routing(), Routing("running", 3)):
-        ours, counts = document_losses_on(model, len(docs), batches, routing)
-        ref = document_losses(model, docs, batches, routing, pad_id=1)
-        assert torch.allclose(ours.loss_sum, ref.loss_sum) and torch.equal(ours.tokens, ref.tokens)
-        assert counts.shape == (2, 8) and counts.sum() > 0
-    feats, index = router_features_on(model, batches)
-    ref_feats, ref_index, _ = router_features(model, batches)
-    np.testing.assert_allclose(feats, ref_feats)
-    np.testing.assert_array_equal(index, ref_index)
 
 
 def test_a_failing_stage_is_recorded_and_the_others_run(
@@ -240,10 +193,12 @@ def test_a_failing_stage_is_recorded_and_the_others_run(
     torch.manual_seed(0)
     sz = replace(DRY, n_eval=3, n_calib=2, running_pools=(3,), clusters=2, cluster_tokens=200)
     arch = ArchConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, expert_hidden=8, max_seq_len=64)
+    routers = {kind: RouterConfig(kind=kind, num_experts=8, num_shared=0, top_k=2, pool_scope="running")
+               for kind in ("standard", "emo")}  # fmt: skip
     trained = {
-        kind: Trained(EMOTransformer(ModelConfig(arch=arch, router=router_config(sz, kind, Recipe()))).eval(),
-                      1, 256, 1.0, 256.0, None, [(1, 4.0)], False)
-        for kind in ("standard", "emo")
+        kind: Trained(EMOTransformer(ModelConfig(arch=arch, router=rc)).eval(), 1, 256, 1.0, 256.0, None,
+                      [(1, 4.0)], False)
+        for kind, rc in routers.items()
     }  # fmt: skip
     gen = np.random.default_rng(0)
     docs = [Document(str(i), "ab"[i % 2], gen.integers(2, 64, gen.integers(3, 40))) for i in range(10)]
@@ -254,12 +209,14 @@ def test_a_failing_stage_is_recorded_and_the_others_run(
         raise RuntimeError("boom")
 
     monkeypatch.setattr("benchmarks.scale_probe.eval_keep", broken)
+    presets = {k: {"preset": f"{k}.yaml", "arch": asdict(arch), "router": asdict(rc), "lr": 1e-3, "seq_len": 64,
+                   "batch_size": 4} for k, rc in routers.items()}  # fmt: skip
     report = {"training": {k: t.info() for k, t in trained.items()}, "models": {}, "errors": {}, "dry": True,
               "complete": False, "device": "cpu", "timestamp": "t", "device_name": "cpu", "packages": {},
-              "sizes": asdict(sz), "recipe": asdict(Recipe()), "attention": "auto",
+              "sizes": asdict(sz), "presets": presets, "attention": "auto",
               "data": {"train_tokens": 1, "epochs": 1.0, "val_docs": 10, "domains": ["a", "b"]},
               "plan": {"cut": False, "target_steps": 1}}  # fmt: skip
-    evaluate(trained, docs, calib, evals, sz, 1, 0, Clock(), report, tmp_path)
+    evaluate(trained, docs, calib, evals, 64, sz, 1, 0, Clock(), report, tmp_path)
     assert set(report["errors"]) == {"standard keep", "emo keep"}
     assert report["errors"]["emo keep"].startswith("RuntimeError: boom at tests/test_scale_probe.py:")
     assert {"gap_full", "nmi"} <= set(report["summary"]) and "keep" not in report["summary"]
@@ -267,7 +224,7 @@ def test_a_failing_stage_is_recorded_and_the_others_run(
     md = (tmp_path / "scale_probe-latest.md").read_text()
     assert "FAILED emo keep: RuntimeError: boom" in md and "| router clustering NMI |" in md
     report.update(models={}, errors={})  # past the budget: every stage is skipped, and said so
-    evaluate(trained, docs, calib, evals, replace(sz, budget_s=-1e3), 1, 0, Clock(), report, tmp_path)
+    evaluate(trained, docs, calib, evals, 64, replace(sz, budget_s=-1e3), 1, 0, Clock(), report, tmp_path)
     assert len(report["errors"]) == 6 and all(e.startswith("skipped: ") for e in report["errors"].values())
     assert report["summary"] == {}
 
@@ -280,6 +237,7 @@ def test_missing_wheels_are_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == (
-        f"{PROG}: missing packages: webdataset, braceexpand: install them (on an air-gapped node: pip install "
-        "--no-index --no-deps from wheels brought along, docs/performance.md 'Scale probe')"
+        f"{PROG}: missing packages: webdataset, braceexpand, jsonargparse, omegaconf, docstring_parser, "
+        "typeshed_client: "
+        "install them (an air-gapped node: the wheels of `make gpu-prepare`, docs/performance.md)"
     )

@@ -4,15 +4,19 @@ and a ``--ckpt_path last`` that never resolves to an incomplete or corrupt file.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from emo_lightning.checkpointing import (
-    AtomicCheckpointIO,
+from emo_lightning.checkpoint import (
+    CorruptCheckpointError,
+    atomic_save,
     estimate_checkpoint_bytes,
+    is_complete_checkpoint,
     newest_complete,
     preflight_checkpoint_dir,
     remove_stale_temporaries,
@@ -21,10 +25,36 @@ from emo_lightning.checkpointing import (
 log = logging.getLogger(__name__)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose writes are atomic and whose errors name the file (local paths).
+
+    Remote URLs (``s3://``...) fall back to Lightning's own writer.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        if "://" not in str(path) and Path(path).is_file() and not is_complete_checkpoint(path):
+            raise CorruptCheckpointError(
+                f"checkpoint {path} is incomplete or corrupt (truncated or bad CRC)",
+                "resume from an older checkpoint (the step*.ckpt files beside it)",
+            )
+        kwargs: dict[str, Any] = {"weights_only": weights_only}
+        if map_location is not None:
+            kwargs["map_location"] = map_location
+        return super().load_checkpoint(path, **kwargs)
+
+
 class SafeModelCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` (same arguments) that
 
-    * switches a plain ``TorchCheckpointIO`` to :class:`~emo_lightning.checkpointing.AtomicCheckpointIO`
+    * switches a plain ``TorchCheckpointIO`` to :class:`AtomicCheckpointIO`
       (temporary file + fsync + rename; DeepSpeed writes its own folders and is left alone);
     * before the first training step, checks its folder is creatable and writable and has room for two
       checkpoints (``last`` and ``stepN``) of the estimated size, and removes temporaries left by killed writers;

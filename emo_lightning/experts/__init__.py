@@ -1,7 +1,9 @@
-"""Modularity toolkit: expert routes, subset selection, pruning, evaluation and the report (no Lightning)."""
+"""Modularity toolkit: expert routes, subset selection, evaluation, export and the report (no Lightning).
 
-from emo_lightning.experts.causal_pool import forced_pools, prefix_pools
-from emo_lightning.experts.checkpoint import LoadedModel, load_model, save_checkpoint
+Routing modes, pruning and checkpoints live with the model (``emo_lightning.model``: ``Routing``,
+``EMOTransformer.routing``, ``prune_model``) and in ``emo_lightning.checkpoint``; the toolkit asks the model.
+"""
+
 from emo_lightning.experts.documents import (
     DocBatch,
     Document,
@@ -11,33 +13,24 @@ from emo_lightning.experts.documents import (
     split_documents,
 )
 from emo_lightning.experts.evaluate import document_losses, domain_table, evaluate
-from emo_lightning.experts.prune import expert_parameter_counts, prune_model, pruned_router_config
-from emo_lightning.experts.routing import FULL, Routing, parse_routing
+from emo_lightning.experts.inference import causal_allowed, forward_documents, prefix_pools
 from emo_lightning.experts.selection import Subset, layerwise_subset, parse_keep, random_subset
 
 __all__ = [
-    "FULL",
     "DocBatch",
     "Document",
     "DocumentTokenizer",
-    "LoadedModel",
-    "Routing",
     "Subset",
+    "causal_allowed",
     "document_losses",
     "domain_table",
     "evaluate",
-    "expert_parameter_counts",
-    "forced_pools",
+    "forward_documents",
     "layerwise_subset",
     "load_documents",
-    "load_model",
     "pack_documents",
     "parse_keep",
-    "parse_routing",
     "prefix_pools",
-    "prune_model",
-    "pruned_router_config",
     "random_subset",
-    "save_checkpoint",
     "split_documents",
 ]

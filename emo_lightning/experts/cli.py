@@ -14,8 +14,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from emo_lightning.checkpoint import (
+    LoadedModel,
+    atomic_write_text,
+    check_out_folder,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+)
 from emo_lightning.errors import ArgumentParser, UserError, run_cli
-from emo_lightning.experts.checkpoint import LoadedModel, load_model, read_checkpoint, save_checkpoint
 from emo_lightning.experts.documents import (
     DEFAULT_TOKENIZER,
     DocumentTokenizer,
@@ -24,9 +31,7 @@ from emo_lightning.experts.documents import (
     pack_documents,
 )
 from emo_lightning.experts.evaluate import document_losses, domain_table, format_table
-from emo_lightning.experts.prune import expert_parameter_counts, prune_model
 from emo_lightning.experts.routes import iter_routes, write_routes
-from emo_lightning.experts.routing import FULL, parse_routing
 from emo_lightning.experts.selection import (
     Subset,
     compose_subsets,
@@ -34,6 +39,7 @@ from emo_lightning.experts.selection import (
     parse_keep,
     random_subset,
 )
+from emo_lightning.model import FULL, expert_parameter_counts, parse_routing, prune_model
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -119,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="output folder (config.json, model.safetensors, tokenizer...)"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder whole")
     p.add_argument(
         "--tokenizer", default=DEFAULT_TOKENIZER, help="the run's tokenizer.json (default: %(default)s)"
     )
@@ -213,8 +220,7 @@ def cmd_select(args: argparse.Namespace) -> None:
         subset = layerwise_subset(lm.model, batches, keep, args.routing, progress=not args.no_progress)
         subset.info["calibration"] = {"data": args.data, "documents": [d.id for d in docs]}
     subset.info["checkpoint"] = args.ckpt
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(subset.to_dict(), indent=1))
+    atomic_write_text(args.out, json.dumps(subset.to_dict(), indent=1))
     print(
         f"{args.method}: keep {keep}/{rc.num_experts} experts per layer ({subset.keep_routed} routable + "
         f"{rc.num_shared} shared) -> {args.out}"
@@ -226,8 +232,7 @@ def cmd_select(args: argparse.Namespace) -> None:
 def cmd_compose(args: argparse.Namespace) -> None:
     subsets = [Subset.from_dict(_read_json(path), path) for path in args.subsets]
     result = compose_subsets(subsets, args.subsets)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result.to_dict(), indent=1))
+    atomic_write_text(args.out, json.dumps(result.to_dict(), indent=1))
     inputs = " + ".join(str(s.keep) for s in subsets)
     print(f"compose: {inputs} experts per layer -> {result.keep}/{result.num_experts} ({args.out})")
     for i, (layer, union) in enumerate(zip(result.layers, result.info["union_sizes"], strict=True)):
@@ -276,12 +281,13 @@ def cmd_prune(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from emo_lightning.experts.export import export_hf, hf_architecture
 
+    check_out_folder(args.out, args.overwrite)  # before any work
     lm = load_model(args.ckpt)
     model = lm.model
     if args.subset:
         model = prune_model(model, _load_subset(args.subset, lm).layers)
     arch = hf_architecture(model.cfg)
-    sizes = export_hf(model, args.tokenizer, args.out)
+    sizes = export_hf(model, args.tokenizer, args.out, args.overwrite)
     rc = model.cfg.router
     print(f"exported {args.ckpt}{f' cut to {args.subset}' if args.subset else ''} as {arch} -> {args.out}")
     print(
@@ -320,8 +326,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     }
     text = json.dumps(payload, indent=1)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        atomic_write_text(args.out, text)
         print(f"wrote {args.out}")
     else:
         print(text)

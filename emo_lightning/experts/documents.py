@@ -87,8 +87,12 @@ class DocumentTokenizer:
 
 
 def load_documents(path: str | Path, tokenizer: DocumentTokenizer) -> list[Document]:
-    """Read and tokenise every document of a JSONL file or directory."""
-    return tokenizer(read_records(path))
+    """Read and tokenise every document of a JSONL file or directory; an input without documents is refused (a
+    subset, a loss or routes need at least one; a record with empty text is refused by the reader)."""
+    docs = tokenizer(read_records(path))
+    if not docs:
+        raise UserError(f"--data {path}: no documents in the input", DATA_FIX)
+    return docs
 
 
 def by_domain(docs: Sequence[Document]) -> dict[str, list[Document]]:

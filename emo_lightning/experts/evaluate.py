@@ -8,23 +8,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from emo_lightning.experts.causal_pool import forced_pools, prefix_pools
 from emo_lightning.experts.documents import DocBatch, Document, pack_documents
-from emo_lightning.experts.routing import FULL, Routing, eval_routing
-from emo_lightning.model import EMOTransformer
-
-IGNORE_INDEX = -100
+from emo_lightning.experts.inference import forward_documents
+from emo_lightning.model import FULL, IGNORE_INDEX, EMOTransformer, Routing, token_cross_entropy
 
 
 @dataclass
 class DocLosses:
-    """Summed next-token cross-entropy and scored target count of every document."""
+    """Summed next-token cross-entropy and scored target count of every document, and the expert load."""
 
     loss_sum: torch.Tensor  # (D,) float64
     tokens: torch.Tensor  # (D,) long
+    counts: torch.Tensor | None = None  # (L,E') float64 token-slot assignments summed over every batch
 
 
 def document_losses(
@@ -44,27 +40,19 @@ def document_losses(
     n_docs = len(docs)
     loss_sum = torch.zeros(n_docs, dtype=torch.float64)
     tokens = torch.zeros(n_docs, dtype=torch.long)
-    pools = None
-    with torch.no_grad(), eval_routing(model, routing):
-        if routing.kind == "causal":
-            pools = prefix_pools(model, docs, routing.prefix, routing.pool, pad_id)
-        for b in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-            if pools is not None:
-                with forced_pools(model, pools, b):
-                    logits = model(b.input_ids, b.doc_ids).logits
-            else:
-                logits = model(b.input_ids, b.doc_ids).logits
-            scored = (b.labels != IGNORE_INDEX) & (b.doc_index >= 0)
-            if score_from > 0:
-                scored &= b.doc_pos >= score_from
-            ce = F.cross_entropy(
-                logits.flatten(0, 1).float(), b.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-            )
-            flat = scored.flatten()
-            index = b.doc_index.flatten()[flat]
-            loss_sum.index_add_(0, index, ce[flat].double())
-            tokens.index_add_(0, index, torch.ones_like(index))
-    return DocLosses(loss_sum, tokens)
+    counts = None
+    for b, out in forward_documents(model, docs, batches, routing, pad_id, progress, desc):
+        scored = (b.labels != IGNORE_INDEX) & (b.doc_index >= 0)
+        if score_from > 0:
+            scored &= b.doc_pos >= score_from
+        ce = token_cross_entropy(out.logits, b.labels.to(out.logits.device)).double().cpu()  # (B*S,)
+        flat = scored.flatten()
+        index = b.doc_index.flatten()[flat]
+        loss_sum.index_add_(0, index, ce[flat])
+        tokens.index_add_(0, index, torch.ones_like(index))
+        load = torch.stack([lr.counts for lr in out.layers]).double()  # (L,E')
+        counts = load if counts is None else counts + load
+    return DocLosses(loss_sum, tokens, None if counts is None else counts.cpu())
 
 
 def domain_table(docs: Sequence[Document], losses: DocLosses) -> dict[str, dict[str, Any]]:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from data_tools.tokenizer import load_tokenizer, special_ids
+from emo_lightning.checkpoint import atomic_folder
 from emo_lightning.errors import UserError
 from emo_lightning.model import EMOTransformer, ModelConfig
 
@@ -152,8 +153,11 @@ def hf_state_dict(model: EMOTransformer) -> dict[str, Tensor]:
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
-def export_hf(model: EMOTransformer, tokenizer_path: str | Path, out: str | Path) -> dict[str, int]:
-    """Write the model folder; returns each file's size in bytes."""
+def export_hf(
+    model: EMOTransformer, tokenizer_path: str | Path, out: str | Path, overwrite: bool = False
+) -> dict[str, int]:
+    """Write the model folder (built beside ``out`` and renamed into place: a non-empty ``out`` is refused unless
+    ``overwrite``, which replaces it whole); returns each file's size in bytes."""
     try:
         from safetensors.torch import save_file
     except ModuleNotFoundError:
@@ -170,13 +174,7 @@ def export_hf(model: EMOTransformer, tokenizer_path: str | Path, out: str | Path
             "pass the tokenizer the model was trained with",
         )
     config = hf_config(cfg, eos_id, pad_id)  # refuses unsupported configurations before writing anything
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     generation = {"eos_token_id": eos_id, "pad_token_id": pad_id, "bos_token_id": None}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=1) + "\n")
-    shutil.copyfile(tokenizer_path, out / "tokenizer.json")
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # readable by transformers 4.x and 5.x
         "eos_token": eos_tok,
@@ -186,8 +184,16 @@ def export_hf(model: EMOTransformer, tokenizer_path: str | Path, out: str | Path
         "model_max_length": cfg.arch.max_seq_len,
         "clean_up_tokenization_spaces": False,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1) + "\n")
-    return {name: (out / name).stat().st_size for name in FILES}
+    with atomic_folder(out, overwrite) as tmp:
+        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name, content in (
+            ("config.json", config),
+            ("generation_config.json", generation),
+            ("tokenizer_config.json", tokenizer_config),
+        ):
+            (tmp / name).write_text(json.dumps(content, indent=1) + "\n")
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+    return {name: (Path(out) / name).stat().st_size for name in FILES}
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from emo_lightning.experts.checkpoint import LoadedModel, load_model
+from emo_lightning.checkpoint import LoadedModel, atomic_write_text, load_model
+from emo_lightning.errors import UserError
 from emo_lightning.experts.clustering import cluster_tokens, router_features
 from emo_lightning.experts.documents import (
     DocBatch,
@@ -33,9 +34,8 @@ from emo_lightning.experts.documents import (
     split_documents,
 )
 from emo_lightning.experts.evaluate import document_losses
-from emo_lightning.experts.prune import expert_parameter_counts, prune_model
-from emo_lightning.experts.routing import Routing
 from emo_lightning.experts.selection import layerwise_subset, parse_keep, random_subset
+from emo_lightning.model import Routing, expert_parameter_counts, prune_model
 
 
 @dataclass
@@ -171,6 +171,16 @@ def run_report(
     tok = DocumentTokenizer(tokenizer)
     docs = load_documents(data, tok)
     calib, evals = split_documents(docs, cfg.n_calib, cfg.n_eval, cfg.seed)
+    short = {
+        d: len(calib[d]) + len(evals[d]) for d in evals if not evals[d] or len(calib[d]) < max(cfg.shots)
+    }
+    if short:  # a rise needs evaluation documents, an s-shot subset s calibration documents of its own
+        need = max(cfg.shots) + 1
+        raise UserError(
+            f"--data {data}: too few documents in {', '.join(f'{d} ({n})' for d, n in short.items())}: each "
+            f"domain needs {need} ({max(cfg.shots)} to calibrate, at least 1 to evaluate)",
+            "add documents, lower --shots / --calib-docs, or leave those domains out",
+        )
     paths = {"emo": emo, "standard": baseline}
     if only is not None and only not in paths:
         raise ValueError(f"only must be 'emo' or 'standard', got {only!r}")
@@ -210,7 +220,7 @@ def run_report(
                 feats, labels, cfg.clusters, max_tokens=cfg.cluster_tokens, seed=cfg.seed, token_ids=ids,
                 decode=tok.decode,
             )  # fmt: skip
-            cache.write_text(json.dumps({"key": key, "part": part}))
+            atomic_write_text(cache, json.dumps({"key": key, "part": part}))
             report["models"][name] = part
     if only is not None:
         return report
@@ -219,8 +229,8 @@ def run_report(
         "torch_threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - start,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown(report))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    atomic_write_text(out / "report.md", markdown(report))
     plot(report, out)
     return report
 

@@ -1,28 +1,24 @@
 """Expert selection from a few calibration documents: greedy layer-by-layer (the paper's) and random.
 
 Layer-wise: for l = 0 .. L-1, run the calibration documents through the model whose layers < l are already
-cut to their chosen experts, rank layer l's routable experts by the token-weighted mean of its unmasked
-router softmax (every non-padding token counts once), keep the top K' (ties: lower id first), cut layer l
-and go on. Layer l's choice only depends on layers <= l. The residual stream entering layer l is cached, so
-the whole selection costs one forward.
+cut to their chosen experts (``allowed``: the routing of the pruned model), rank layer l's routable experts by
+the token-weighted mean of its unmasked router softmax (every non-padding token counts once), keep the top K'
+(ties: lower id first), cut layer l and go on. Layer l's choice only depends on layers <= l. One forward of the
+calibration documents per layer.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from emo_lightning.errors import UserError
 from emo_lightning.experts.documents import DocBatch
-from emo_lightning.experts.prune import prune_layer, pruned_router_config
-from emo_lightning.experts.routing import FULL, Routing, eval_routing
-from emo_lightning.model import AttentionMask, EMOTransformer, RouterConfig, derive_seed
+from emo_lightning.model import FULL, EMOTransformer, RouterConfig, Routing, derive_seed
 
 SUBSET_FORMAT = "emo-expert-subset"
 _RANDOM_STREAM = 0x5E1EC7
@@ -179,28 +175,26 @@ def layerwise_subset(
     """The paper's greedy layer-by-layer selection on calibration ``batches`` (see the module docstring)."""
     if routing.kind == "causal":
         raise ValueError("layer-wise selection supports routing full, pool:P or running:P")
-    rc, arch = model.cfg.router, model.cfg.arch
-    rc_new = pruned_router_config(rc, keep - rc.num_shared)
-    work = copy.deepcopy(model)  # layers are cut one after the other in this copy
+    rc = model.cfg.router
+    device = model.lm_head.weight.device
+    n_layers = len(model.blocks)
+    allowed = torch.ones(n_layers, 1, 1, rc.num_routed, dtype=torch.bool, device=device)  # not cut yet: all
+    valid = [(b.doc_index >= 0).unsqueeze(-1).to(device) for b in batches]  # (B,S,1)
+    n_tokens = sum(int(v.sum()) for v in valid)
     layers: list[list[int]] = []
     scores: list[list[float]] = []
-    with eval_routing(work, routing):
-        masks = [AttentionMask.build(b.doc_ids, arch) for b in batches]
-        valid = [(b.doc_index >= 0).unsqueeze(-1) for b in batches]
-        xs = [work.embed(b.input_ids) for b in batches]  # residual stream entering the current layer
-        n_tokens = sum(int(v.sum()) for v in valid)
-        for blk in tqdm(work.blocks, desc="select", unit="layer", disable=not progress):
-            total = torch.zeros(rc.num_routed, dtype=torch.float64)
-            for x, m, v in zip(xs, masks, valid, strict=True):
-                h = blk.ffn_norm(x + blk.attn(blk.attn_norm(x), m))
-                probs = F.linear(h.float(), blk.moe.router.weight.float()).softmax(-1)  # (B,S,E')
-                total += (probs * v).sum((0, 1)).double()
-            mean = total / max(n_tokens, 1)
+    with model.routing(routing):
+        for layer in tqdm(range(n_layers), desc="select", unit="layer", disable=not progress):
+            total = torch.zeros(rc.num_routed, dtype=torch.float64, device=device)
+            for b, v in zip(batches, valid, strict=True):
+                out = model(b.input_ids.to(device), b.doc_ids.to(device), return_routes=True, allowed=allowed)
+                total += (out.layers[layer].probs * v).sum((0, 1)).double()  # (E',)
+            mean = (total / max(n_tokens, 1)).cpu()
             order = torch.sort(mean, descending=True, stable=True).indices
-            kept = order[: rc_new.num_routed].sort().values
+            kept = order[: keep - rc.num_shared].sort().values
             layers.append(kept.tolist())
             scores.append([round(float(s), 6) for s in mean])
-            blk.moe = prune_layer(blk.moe, kept, rc_new, arch)
-            xs = [blk(x, m, b.doc_ids)[0] for x, m, b in zip(xs, masks, batches, strict=True)]
+            allowed[layer] = False
+            allowed[layer, ..., kept.to(device)] = True  # cut layer l to its kept experts
     info = {"routing": str(routing), "calibration_tokens": n_tokens}
     return Subset(layers, keep, rc.num_experts, rc.num_shared, "layerwise", scores, info)

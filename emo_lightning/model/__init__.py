@@ -11,7 +11,14 @@ from emo_lightning.model.attention import (
 from emo_lightning.model.budget import ParamBudget, flops_per_token, param_counts
 from emo_lightning.model.config import ArchConfig, ModelConfig, RouterConfig, derive_seed
 from emo_lightning.model.decoding import DecodeCache, LayerCache
-from emo_lightning.model.losses import GlobalLoadBalance, load_balance, z_loss
+from emo_lightning.model.losses import (
+    IGNORE_INDEX,
+    GlobalLoadBalance,
+    load_balance,
+    objective,
+    token_cross_entropy,
+    z_loss,
+)
 from emo_lightning.model.moe import (
     DispatchPlan,
     LocalExchange,
@@ -21,7 +28,15 @@ from emo_lightning.model.moe import (
     combine,
     dispatch,
 )
-from emo_lightning.model.router import Router, RouterOutput, pool_bias, pool_mask, segment_ids
+from emo_lightning.model.pruning import (
+    check_subset,
+    expert_parameter_counts,
+    prune_model,
+    pruned_router_config,
+    subset_mask,
+)
+from emo_lightning.model.router import Router, RouterOutput, document_pools, segment_ids
+from emo_lightning.model.routing import FULL, Routing, parse_routing
 from emo_lightning.model.transformer import (
     Block,
     EMOTransformer,
@@ -31,6 +46,8 @@ from emo_lightning.model.transformer import (
 )
 
 __all__ = [
+    "FULL",
+    "IGNORE_INDEX",
     "ArchConfig",
     "Attention",
     "AttentionMask",
@@ -53,17 +70,25 @@ __all__ = [
     "Router",
     "RouterConfig",
     "RouterOutput",
+    "Routing",
     "SharedExperts",
+    "check_subset",
     "combine",
     "derive_seed",
     "dispatch",
+    "document_pools",
+    "expert_parameter_counts",
     "flops_per_token",
     "load_balance",
+    "objective",
     "param_counts",
-    "pool_bias",
-    "pool_mask",
+    "parse_routing",
+    "prune_model",
+    "pruned_router_config",
     "segment_ids",
     "segment_index",
     "segment_positions",
+    "subset_mask",
+    "token_cross_entropy",
     "z_loss",
 ]

@@ -1,4 +1,5 @@
-"""Auxiliary losses: global load balance and z-loss.
+"""Losses: next-token cross-entropy (the training objective with the auxiliary terms), global load balance
+and z-loss.
 
 Load balance of one layer (routable experts only), the spec's formula::
 
@@ -21,7 +22,26 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
+
+IGNORE_INDEX = -100  # label of a position with no next token of the same document (the batch contract)
+
+
+def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy of every position in fp32, 0 where the label is ``IGNORE_INDEX``.
+    logits: (B,S,V); labels: (B,S) -> (B*S,)."""
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+
+
+def objective(logits: Tensor, labels: Tensor, aux_loss: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The training loss: mean cross-entropy over the targets plus the weighted auxiliary losses.
+    -> (loss, ce, n_targets) (the last two detached-ready values for logging)."""
+    n_targets = (labels != IGNORE_INDEX).sum()
+    ce = token_cross_entropy(logits, labels).sum() / n_targets.clamp_min(1)
+    return ce + aux_loss, ce, n_targets
 
 
 def z_loss(logits: Tensor) -> Tensor:

@@ -217,10 +217,12 @@ class MoELayer(nn.Module):
             self.shared.reset_parameters(std, self.seed, self.layer_idx)
 
     def forward(
-        self, h: Tensor, doc_ids: Tensor, cache: LayerCache | None = None
+        self, h: Tensor, doc_ids: Tensor, cache: LayerCache | None = None, allowed: Tensor | None = None
     ) -> tuple[Tensor, RouterOutput]:
+        """``cache``: incremental decoding state (running pools); ``allowed``: (B|1,S|1,E') experts a token may
+        use (see ``Router.forward``)."""
         b, s, d = h.shape
-        r = self.router(h, doc_ids, cache)  # cache: incremental decoding state (running pools)
+        r = self.router(h, doc_ids, cache, allowed)
         x = h.reshape(b * s, d)  # (N,d)
         plan = dispatch(x, r.experts, self.num_routed)
         y = combine(self.exchange(plan.x_sorted, plan.counts, self.experts), r.weights, plan)  # (N,d)

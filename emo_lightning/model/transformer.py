@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +14,8 @@ from emo_lightning.model.config import ModelConfig
 from emo_lightning.model.decoding import DecodeCache, LayerCache
 from emo_lightning.model.losses import GlobalLoadBalance, load_balance, z_loss
 from emo_lightning.model.moe import ExpertImpl, MoELayer, RoutedExperts, SharedExperts
-from emo_lightning.model.router import RouterOutput, segment_ids
+from emo_lightning.model.router import Router, RouterOutput, segment_ids
+from emo_lightning.model.routing import Routing
 
 
 @dataclass
@@ -31,10 +34,10 @@ class LayerRouting:
     pool_sizes: Tensor  # (B,G) long
     experts: Tensor | None = None  # (B,S,k) long, routed (by descending weight) then shared, if return_routes
     weights: Tensor | None = None  # (B,S,k) fp32, shared experts 1.0, if return_routes (detached)
-    probs: Tensor | None = (
-        None  # (B,S,E') unmasked softmax over routable experts, if return_routes and route_probs (detached)
-    )
-    # (B,G,E') bool pool of segment g (all False: absent; running pools: union over its tokens), if return_routes
+    # (B,S,E') unmasked softmax of the raw logits (no bias) over routable experts, if return_routes and route_probs
+    probs: Tensor | None = None
+    # (B,G,E') bool pool the router used for segment g (all False: absent; all True: unrestricted; running
+    # pools: the union of its tokens' pools), if return_routes
     pool_mask: Tensor | None = None
 
 
@@ -58,10 +61,15 @@ class Block(nn.Module):
         self.moe = MoELayer(a, cfg.router, layer_idx, impl=expert_impl)
 
     def forward(
-        self, x: Tensor, mask: AttentionMask, doc_ids: Tensor, cache: LayerCache | None = None
+        self,
+        x: Tensor,
+        mask: AttentionMask,
+        doc_ids: Tensor,
+        cache: LayerCache | None = None,
+        allowed: Tensor | None = None,
     ) -> tuple[Tensor, RouterOutput]:
         x = x + self.attn(self.attn_norm(x), mask, cache)
-        y, r = self.moe(self.ffn_norm(x), doc_ids, cache)
+        y, r = self.moe(self.ffn_norm(x), doc_ids, cache, allowed)
         return x + y, r
 
 
@@ -165,13 +173,57 @@ class EMOTransformer(nn.Module):
             bytes=sum(t.numel() * t.element_size() for t in tensors),
         )
 
-    def routers(self) -> list[nn.Module]:
+    @classmethod
+    def from_state_dict(
+        cls, cfg: ModelConfig, state: Mapping[str, Tensor], device: torch.device | str = "cpu"
+    ) -> EMOTransformer:
+        """A model holding ``state`` (strict: every key, same shapes), without drawing any random weights:
+        built on the meta device, allocated on ``device``, RoPE tables recomputed, then loaded."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)
+        for m in model.modules():
+            if isinstance(m, Rotary):
+                m.reset_parameters()
+        model.load_state_dict(state, strict=True)
+        return model
+
+    def routers(self) -> list[Router]:
         return [b.moe.router for b in self.blocks]
 
-    def set_eval_pool(self, pool: int | None) -> None:
-        """Pool size used in eval mode by every EMO router (None = unrestricted, i.e. full top-k routing)."""
-        for r in self.routers():
-            r.eval_pool = pool
+    @contextmanager
+    def routing(self, routing: Routing) -> Iterator[EMOTransformer]:
+        """Eval mode with every router set to the inference ``routing`` (``model/routing.py``), restored
+        afterwards (mode and training flag). Pools are clamped to [k', E'] (a pool of at least E' is no pool).
+        ``causal:P:N`` runs the routers unrestricted: its pools come from :meth:`prefix_pools` as ``allowed``."""
+        routers = self.routers()
+        saved = [(r.pool_eval, r.pool_scope) for r in routers]
+        was_training = self.training
+        pool = routing.pool if routing.kind in ("pool", "running") else None
+        self.eval()
+        for r in routers:
+            r.pool_eval = None if pool is None else max(r.routed_k, min(pool, r.num_routed))
+            r.pool_scope = "running" if routing.kind == "running" else "document"
+        try:
+            yield self
+        finally:
+            for r, (p, scope) in zip(routers, saved, strict=True):
+                r.pool_eval, r.pool_scope = p, scope
+            self.train(was_training)
+
+    @torch.no_grad()
+    def prefix_pools(self, prefixes: Tensor, lengths: Tensor, pool: int) -> Tensor:
+        """The ``causal:P:N`` pools: every layer's document pool of ``pool`` routable experts that the routers
+        choose (selection bias included) from a document's first tokens alone.
+
+        prefixes: (D,N) long, row d holds document d's first ``lengths[d]`` tokens (the rest is ignored);
+        -> (L,D,E') bool. Pass ``pools[:, doc]`` as ``allowed`` to route each token inside its document's pool.
+        """
+        n = prefixes.shape[1]
+        doc_ids = (torch.arange(n, device=prefixes.device) >= lengths.unsqueeze(1)).long()  # (D,N) prefix 0
+        with self.routing(Routing("pool", pool)):
+            out = self(prefixes, doc_ids, return_routes=True, route_probs=False)
+        return torch.stack([lr.pool_mask[:, 0] for lr in out.layers])  # (L,D,E') segment 0: the prefix
 
     @torch.no_grad()
     def update_expert_bias(self, counts: Tensor) -> None:
@@ -196,12 +248,15 @@ class EMOTransformer(nn.Module):
         return_routes: bool = False,
         route_probs: bool = True,
         cache: DecodeCache | None = None,
+        allowed: Tensor | None = None,
     ) -> ModelOutput:
         """input_ids, doc_ids: (B,S) long (doc_ids None = one document per row).
 
         ``route_probs=False`` skips the (B,S,E') ``probs`` softmax of ``return_routes`` (e.g. for monitoring).
         ``cache``: incremental decoding (``model/decoding.py``): the first forward is the prefill of the prompts
-        (row b's first segment is its document), every later one one new token per row.
+        (row b's first segment is its document), every later one one new token per row. ``allowed``:
+        (L,B|1,S|1,E') bool, the routable experts each token may use in each layer (a subset of experts, the
+        causal pool of its document; ``model/routing.py``); None = all.
         """
         rc, n_layers = self.cfg.router, self.cfg.arch.n_layers
         if doc_ids is None:
@@ -213,7 +268,8 @@ class EMOTransformer(nn.Module):
         x = self.embed(input_ids)  # (B,S,d)
         routes: list[RouterOutput] = []
         for i, blk in enumerate(self.blocks):
-            x, r = blk(x, mask, doc_ids, None if cache is None else cache.layers[i])
+            layer_cache = None if cache is None else cache.layers[i]
+            x, r = blk(x, mask, doc_ids, layer_cache, None if allowed is None else allowed[i])
             routes.append(r)
         if cache is not None:
             cache.finish(s)
@@ -241,11 +297,18 @@ class EMOTransformer(nn.Module):
                 lr.experts, lr.weights = self._full_routes(r, b, s)
                 if route_probs:
                     lr.probs = r.logits.detach().softmax(-1).view(b, s, -1)
-                # the masked softmax is exactly 0 outside a token's pool: OR it over each segment's tokens
-                pool = torch.zeros_like(r.scores).index_add_(0, seg, r.scores.detach())  # (N,E')
-                lr.pool_mask = (pool > 0).view(b, s, -1)
+                lr.pool_mask = self._segment_pools(r, seg).view(b, s, -1)
             layers.append(lr)
         return ModelOutput(logits, lb_loss, z_total, lb_loss + z_total + lm_z, layers, lm_z)
+
+    @staticmethod
+    def _segment_pools(r: RouterOutput, seg: Tensor) -> Tensor:
+        """(N,E') bool indexed by flat segment id: the union of the pools its tokens routed in (absent: none)."""
+        n, e = r.scores.shape
+        token_pool = (
+            torch.ones(n, e, device=seg.device) if r.pool is None else r.pool.float()
+        )  # (N,E') 1 where the token could use the expert
+        return torch.zeros(n, e, device=seg.device).index_add_(0, seg, token_pool) > 0
 
     def _full_routes(self, r: RouterOutput, b: int, s: int) -> tuple[Tensor, Tensor]:
         """Append shared experts (ids E'..E-1, weight 1.0). -> experts, weights: (B,S,k)."""

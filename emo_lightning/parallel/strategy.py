@@ -32,9 +32,9 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from torchmetrics import Metric
 
+from emo_lightning.checkpoint.deepspeed import load_local_weights
 from emo_lightning.errors import ConfigError
 from emo_lightning.model import EMOTransformer, ModelConfig
-from emo_lightning.parallel.checkpoint import load_local_weights
 from emo_lightning.parallel.expert_parallel import (
     Exchange,
     apply_expert_parallel,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emo_lightning.experts.checkpoint import PREFIX
+from emo_lightning.checkpoint import PREFIX
 from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterConfig
 from emo_lightning.optim import OptimConfig
 
@@ -17,26 +17,38 @@ TOKENIZER = ROOT / "data" / "tokenizer.json"
 
 
 def tiny_config(
-    kind: str = "emo", num_shared: int = 1, top_k: int = 3, vocab_size: int = 4096
+    kind: str = "emo", num_shared: int = 1, top_k: int = 3, vocab_size: int = 4096, **router: object
 ) -> ModelConfig:
     arch = ArchConfig(
         vocab_size=vocab_size, d_model=32, n_layers=3, n_heads=2, expert_hidden=16, max_seq_len=64
     )
-    router = RouterConfig(
+    rc = RouterConfig(
         kind=kind, num_experts=9, num_shared=num_shared, top_k=top_k, pool_min=top_k - num_shared,
-        pool_max=9 - num_shared, pool_eval=4, seed=3,
+        pool_max=9 - num_shared, pool_eval=4, seed=3, **router,
     )  # fmt: skip
-    return ModelConfig(arch=arch, router=router)
+    return ModelConfig(arch=arch, router=rc)
 
 
 def tiny_model(
-    kind: str = "emo", num_shared: int = 1, top_k: int = 3, seed: int = 0, vocab_size: int = 4096
+    kind: str = "emo",
+    num_shared: int = 1,
+    top_k: int = 3,
+    seed: int = 0,
+    vocab_size: int = 4096,
+    bias: float = 0.0,
+    **router: object,
 ) -> EMOTransformer:
+    """Sharper routers than the 0.02 init, so that experts differ in preference; ``bias`` > 0: a selection bias
+    (``balance: both``) of that scale, large enough to decide pools."""
     torch.manual_seed(seed)
-    model = EMOTransformer(tiny_config(kind, num_shared, top_k, vocab_size))
-    with torch.no_grad():  # sharper routers than the 0.02 init, so that experts differ in preference
-        for blk in model.blocks:
-            blk.moe.router.weight.normal_(0.0, 0.5)
+    if bias:
+        router.setdefault("balance", "both")
+    model = EMOTransformer(tiny_config(kind, num_shared, top_k, vocab_size, **router))
+    with torch.no_grad():
+        for r in model.routers():
+            r.weight.normal_(0.0, 0.5)
+            if bias:
+                r.expert_bias.copy_(bias * torch.randn(r.num_routed))
     return model.eval()
 
 

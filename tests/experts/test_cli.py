@@ -11,12 +11,11 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from emo_lightning.experts.checkpoint import load_model
+from emo_lightning.checkpoint import load_model
 from emo_lightning.experts.cli import build_parser, main
 from emo_lightning.experts.documents import Document, DocumentTokenizer, load_documents
 from emo_lightning.experts.evaluate import evaluate
-from emo_lightning.experts.prune import prune_model
-from emo_lightning.model import EMOTransformer
+from emo_lightning.model import EMOTransformer, prune_model
 from tests.experts.conftest import TOKENIZER, tiny_model, write_checkpoint
 
 

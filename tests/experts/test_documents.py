@@ -16,7 +16,7 @@ from emo_lightning.experts.documents import (
     pack_documents,
     split_documents,
 )
-from emo_lightning.experts.routing import Routing, parse_routing
+from emo_lightning.model import Routing, parse_routing
 from tests.experts.conftest import TOKENIZER
 
 

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from emo_lightning.checkpoint import load_model, read_checkpoint, save_checkpoint
 from emo_lightning.errors import UserError
-from emo_lightning.experts.checkpoint import load_model, read_checkpoint, save_checkpoint
-from emo_lightning.experts.prune import expert_parameter_counts, prune_model, pruned_router_config
-from emo_lightning.experts.routing import Routing, eval_routing
+from emo_lightning.model import Routing, expert_parameter_counts, prune_model, pruned_router_config
 from tests.experts.conftest import tiny_model, write_checkpoint
 
 
@@ -30,7 +29,7 @@ def test_keep_all_reproduces_logits_exactly(kind: str, shared: int, routing: str
     small = prune_model(model, [list(range(rc.num_routed))] * len(model.blocks))
     ids, doc_ids = _inputs()
     r = Routing("pool", 4) if routing == "pool" else Routing()
-    with torch.no_grad(), eval_routing(model, r), eval_routing(small, r):
+    with torch.no_grad(), model.routing(r), small.routing(r):
         assert torch.equal(model(ids, doc_ids).logits, small(ids, doc_ids).logits)
 
 
@@ -50,7 +49,7 @@ def test_pruned_router_softmax_is_restricted_renormalised(keep: int) -> None:
         )
     # whole model, layer 0 sees the same input: routes are the renormalised restriction
     ids, d = _inputs()
-    with torch.no_grad(), eval_routing(model, Routing()), eval_routing(small, Routing()):
+    with torch.no_grad(), model.routing(Routing()), small.routing(Routing()):
         p_full = model(ids, d, return_routes=True).layers[0].probs[..., kept[0]]
         p_small = small(ids, d, return_routes=True).layers[0].probs
     torch.testing.assert_close(p_small, p_full / p_full.sum(-1, keepdim=True), rtol=1e-6, atol=1e-7)

@@ -8,8 +8,14 @@ import dataclasses
 import pytest
 import torch
 
-from emo_lightning.experts.prune import prune_model
-from emo_lightning.model import ArchConfig, DecodeCache, EMOTransformer, ModelConfig, RouterConfig
+from emo_lightning.model import (
+    ArchConfig,
+    DecodeCache,
+    EMOTransformer,
+    ModelConfig,
+    RouterConfig,
+    prune_model,
+)
 
 
 def _model(kind: str = "emo", scope: str = "document", pool: int | None = None, qk_norm: bool = False):

@@ -77,7 +77,7 @@ def loop_reference(router: Router, h: torch.Tensor, doc_ids: torch.Tensor, pool_
     """
     w_ref = router.weight.detach().double().clone().requires_grad_()
     b_, s_, _ = h.shape
-    er, kr = router.num_routed, router.k
+    er, kr = router.num_routed, router.routed_k
     scores = torch.zeros(b_, s_, er, dtype=torch.float64)
     experts = torch.zeros(b_, s_, kr, dtype=torch.long)
     weights = torch.zeros(b_, s_, kr, dtype=torch.float64)
@@ -117,7 +117,7 @@ def test_vectorised_router_matches_per_document_loop(shape, b, s, max_docs, seed
     out = r(h, doc_ids)
     ref_s, ref_e, ref_w, ref_z, pools, gap, w_ref = loop_reference(r, h, doc_ids, out.pool_sizes)
     assume(gap > 1e-4)  # a near-tie may legitimately rank differently in fp32 vs fp64
-    er, kr = r.num_routed, r.k
+    er, kr = r.num_routed, r.routed_k
     torch.testing.assert_close(out.scores.view(b, s, er).double(), ref_s.detach(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.weights.view(b, s, kr).double(), ref_w.detach(), atol=1e-5, rtol=1e-4)
     assert torch.equal(out.experts.view(b, s, kr), ref_e)
@@ -149,7 +149,7 @@ def test_pool_invariants(shape, b, s, max_docs, seed) -> None:
     doc_ids = random_doc_ids(gen, b, s, max_docs)
     r = make_router(shape, seed=seed, weight_seed=seed + 1).train()
     out = r(torch.randn(b, s, 16, generator=gen), doc_ids)
-    er, kr = r.num_routed, r.k
+    er, kr = r.num_routed, r.routed_k
     scores, experts = out.scores.view(b, s, er), out.experts.view(b, s, kr)
     support = scores > 0  # (B,S,E'): masked softmax is exactly 0 outside the pool
     torch.testing.assert_close(scores.sum(-1), torch.ones(b, s))
@@ -184,7 +184,7 @@ def test_full_pool_equals_standard_router(shape) -> None:
         for name in ("experts", "weights", "scores", "z_loss", "counts"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
     emo = make_router(shape, pool=(k - n_sh, k - n_sh)).eval()
-    emo.eval_pool = None  # unrestricted eval routing
+    emo.pool_eval = None  # unrestricted eval routing
     assert torch.equal(emo(h, doc_ids).experts, std(h, doc_ids).experts)
 
 
@@ -250,16 +250,16 @@ def test_pool_sizes_random_per_document_layer_forward_and_reproducible() -> None
     assert not torch.equal(make_router((16, 1, 3), pool=(2, 15), seed=5)(h, doc_ids).pool_sizes, p0)
 
 
-def test_eval_pool() -> None:
+def test_pool_eval() -> None:
     gen = torch.Generator().manual_seed(5)
     doc_ids, h = random_doc_ids(gen, 3, 30, 5), torch.randn(3, 30, 16, generator=gen)
     r = make_router((16, 1, 3), pool=(2, 15), pool_eval=6).eval()
     p = r(h, doc_ids).pool_sizes
     assert ((p == 6) | (p == -1)).all() and (p == 6).any()
     assert ((r(h, doc_ids).scores > 0).sum(-1) == 6).all()
-    r.eval_pool = None
+    r.pool_eval = None
     assert (r(h, doc_ids).scores > 0).all()
-    r.eval_pool = 40  # P > E' = 15: the pool is min(P, E'), i.e. unrestricted
+    r.pool_eval = 40  # P > E' = 15: the pool is min(P, E'), i.e. unrestricted
     out = r(h, doc_ids)
     assert (out.scores > 0).all() and ((out.pool_sizes == 15) | (out.pool_sizes == -1)).all()
 
@@ -348,3 +348,54 @@ def test_document_pools_look_ahead_and_running_pools_do_not() -> None:
         routes[scope] = (out.experts[:20], r(h2, doc_ids).experts[:20])
     assert not torch.equal(*routes["document"])
     assert torch.equal(*routes["running"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pool ranking against the implementation it replaced (argsort of every row, gather-based running sums):
+# the same pools on random inputs, including exact ties (integer-valued preferences, equal rows).
+
+
+def _argsort_members(pref: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """The previous ranking: full argsort of every row, its first ``size`` experts."""
+    top = pref.argsort(dim=-1, descending=True)
+    keep = torch.arange(pref.shape[1]) < sizes.unsqueeze(1)
+    return torch.zeros_like(pref, dtype=torch.bool).scatter_(1, top, keep)
+
+
+def _gather_running_preference(probs: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """The previous segmented running sum (B,S,E') -> (N,E')."""
+    from emo_lightning.model import segment_positions
+
+    b, s = doc_ids.shape
+    q = probs.view(b, s, -1).double()
+    cum = q.cumsum(1)
+    first = torch.arange(s) - segment_positions(doc_ids)
+    before = (cum - q).gather(1, first.unsqueeze(-1).expand_as(q))
+    return (cum - before).reshape(b * s, -1)
+
+
+@pytest.mark.parametrize("ties", ["none", "integer", "equal_rows"])
+@pytest.mark.parametrize("seed", range(4))
+def test_pool_ranking_matches_the_argsort_implementation(ties: str, seed: int) -> None:
+    from emo_lightning.model.router import _top_members, running_pools, running_preference, segment_ids
+
+    gen = torch.Generator().manual_seed(seed)
+    b, s, e = 3, 64, 15
+    doc_ids = random_doc_ids(gen, b, s, 6)
+    if ties == "none":
+        logits = torch.randn(b * s, e, generator=gen)
+    elif ties == "integer":  # few distinct values: many exact ties of summed probabilities
+        logits = torch.randint(0, 3, (b * s, e), generator=gen).float()
+    else:  # whole rows of equal logits (uniform probabilities): every boundary ties
+        logits = torch.randint(0, 2, (b * s, 1), generator=gen).float() * torch.randn(b * s, e, generator=gen)
+    probs = logits.softmax(-1)
+    sizes = torch.randint(1, e + 1, (b * s,), generator=gen)
+    pref = running_preference(probs, doc_ids)
+    assert torch.equal(pref, _gather_running_preference(probs, doc_ids))  # bit for bit
+    seg = segment_ids(doc_ids)
+    token_sizes = sizes.index_select(0, seg)
+    assert torch.equal(running_pools(pref, seg, sizes, e), _argsort_members(pref, token_sizes))
+    assert torch.equal(
+        _top_members(pref.float(), token_sizes, e), _argsort_members(pref.float(), token_sizes)
+    )
+    assert (running_pools(pref, seg, sizes, e).sum(-1) == token_sizes).all()

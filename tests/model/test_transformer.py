@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from emo_lightning.model import (
+    FULL,
     ArchConfig,
     EMOTransformer,
     ModelConfig,
     RouterConfig,
+    Routing,
     flops_per_token,
     param_counts,
 )
@@ -199,10 +201,11 @@ def test_eval_routing_can_be_unrestricted_and_then_equals_standard() -> None:
     ids, doc = torch.randint(0, 64, (2, 20)), docs([5, 15]).expand(2, 20)
     with torch.no_grad():
         pooled = emo(ids, doc).logits
-        emo.set_eval_pool(None)
-        assert torch.equal(emo(ids, doc).logits, std(ids, doc).logits)
-        emo.set_eval_pool(3)
-        assert torch.equal(emo(ids, doc).logits, pooled)
+        with emo.routing(FULL):
+            assert torch.equal(emo(ids, doc).logits, std(ids, doc).logits)
+        assert torch.equal(emo(ids, doc).logits, pooled)  # the configured pool_eval is back
+        with emo.routing(Routing("pool", 3)):
+            assert torch.equal(emo(ids, doc).logits, pooled)
 
 
 def test_reseeded_model_continues_exactly() -> None:

@@ -19,9 +19,9 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from emo_lightning.checkpoint.deepspeed import load_local_weights
 from emo_lightning.model import ArchConfig, ModelConfig, RouterConfig
 from emo_lightning.parallel import build_expert_parallel_model
-from emo_lightning.parallel.checkpoint import load_local_weights
 
 MB = 2**20
 # 2 layers x 23 routable experts of 3 x 1024 x 2048 parameters: 289M parameters, 1.16 GB in fp32; little else

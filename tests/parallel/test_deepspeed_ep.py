@@ -8,6 +8,7 @@ Lightning starts the other processes itself). TORCH_EXTENSIONS_DIR caches DeepSp
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -19,9 +20,9 @@ import lightning as L
 import pytest
 import torch
 
+from emo_lightning.checkpoint.deepspeed import consolidate
 from emo_lightning.model import EMOTransformer, param_counts
 from emo_lightning.parallel import EMODeepSpeedStrategy, validate_expert_parallel
-from emo_lightning.parallel.checkpoint import consolidate
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -85,34 +86,44 @@ def _equivalence(tmp_path: Path, world: int, ep_size: int) -> dict:
 
 
 def _check_equivalence(report: dict, modes: tuple[str, ...]) -> None:
-    assert report["construction/weights"] == 0.0, report  # bit-identical to the one-process build
-    assert report["construction/counts_ok"] == 1.0, report
-    assert report["usage"] < 1e-5, report
-    for mode in modes:
-        for step in (0, 1):
-            key = f"{mode}/step{step}"
-            assert report[f"{key}/loss"] < 1e-5, report
-            assert report[f"{key}/grad"] < 1e-6, report
-            assert report[f"{key}/grad_norm"] < 1e-5, report
-            assert report[f"{key}/weights"] < 5e-5, report
+    """Every difference is the maximum over all ranks (NaN = infinite): each rank's experts, gradients, weights,
+    bias and usage, not rank 0's alone."""
+    worst = report["max"]
+    assert len(report["ranks"]) == report["world"]
+    for balance in ("aux_loss", "both"):
+        b = f"{balance}/"
+        assert worst[b + "construction/weights"] == 0.0, worst  # bit-identical to the one-process build
+        assert worst[b + "construction/counts_wrong"] == 0.0, worst
+        assert worst[b + "usage"] < 1e-5, worst
+        for mode in modes:
+            for step in (0, 1):
+                key = f"{b}{mode}/step{step}"
+                assert worst[f"{key}/loss"] < 1e-5, (key, worst)
+                assert worst[f"{key}/grad"] < 1e-6, (key, worst)
+                assert worst[f"{key}/grad_norm"] < 1e-5, (key, worst)
+                assert worst[f"{key}/weights"] < 5e-5, (key, worst)
+                if balance == "both":  # every rank holds the one-process bias, step after step
+                    assert worst[f"{key}/bias"] < 1e-6, (key, worst)
+        assert b + "variable/step0/bias" in worst or balance == "aux_loss"
 
 
 def test_ep2_on_4_processes_matches_one_process(tmp_path: Path) -> None:
-    """4 processes, ep_size 2 (two expert-data-parallel replicas), ZeRO-2, EMO router, both exchange modes:
-    rank-local construction gives the one-process weights; the synced expert-usage metric, the loss, DeepSpeed's
-    reduced gradients and gradient norm, and the weights after two clipped AdamW steps equal one process on the
-    same global batch."""
+    """4 processes, ep_size 2 (two expert-data-parallel replicas), ZeRO-2, EMO router with the balance loss and
+    with loss + selection bias, both exchange modes: rank-local construction gives the one-process weights; the
+    synced expert-usage metric, the loss, DeepSpeed's reduced gradients of every rank's experts and the gradient
+    norm, the bias and the weights after two clipped AdamW steps equal one process on the same global batch, on
+    every rank."""
     report = _equivalence(tmp_path, 4, 2)
     _check_equivalence(report, ("variable", "padded"))
-    assert report["construction/line"].startswith("rank 0/4: ")
-    assert "4 of 7 experts per layer" in report["construction/line"]
+    held = [r["aux_loss/construction/local_experts"] for r in report["ranks"]]
+    assert held == [4, 3, 4, 3]  # EP ranks 0 hold experts 0-3, EP ranks 1 experts 4-6 (+ the shared slot)
 
 
 def test_ep1_on_2_processes_matches_one_process(tmp_path: Path) -> None:
     """2 processes, ep_size 1 (experts replicated, reduced over the expert-data-parallel group = the world)."""
     report = _equivalence(tmp_path, 2, 1)
     _check_equivalence(report, ("variable",))
-    assert "7 of 7 experts per layer" in report["construction/line"]
+    assert [r["aux_loss/construction/local_experts"] for r in report["ranks"]] == [7, 7]
 
 
 def test_rank_local_construction_holds_only_its_experts(tmp_path: Path) -> None:
@@ -205,6 +216,58 @@ def test_consolidated_checkpoint_validates_in_one_process(runs: dict[str, Path],
     dm = data(str(tiny_shards["train"]), str(tiny_shards["val"]), rank=0, world_size=1)
     val = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/ce"]
     assert val == pytest.approx(_result(runs["straight"])["val_ce"], rel=1e-5)
+
+
+def test_init_from_loads_every_tensor_and_buffer_then_the_bias_moves_once_per_step(
+    tmp_path: Path, tiny_shards: dict[str, Path]
+) -> None:
+    """``--init_from`` under the strategy (4 processes, ep 2) with a trained one-process checkpoint whose routers
+    carry a selection bias: every rank's parameters and buffers equal the checkpoint (its experts: their slice of
+    the global ids), the bias included; then two optimizer steps of two accumulated micro-batches move the bias
+    exactly once per optimizer step (DeepSpeed steps every micro-batch), identically on every rank."""
+    sys.path.insert(0, str(HERE))
+    from lightning_worker import data
+
+    from tests.factories import tiny_lit_module
+
+    L.seed_everything(0)
+    module = tiny_lit_module(lr=1e-2, warmup_steps=1, balance="both", bias_gamma=0.05)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, datamodule=data(str(tiny_shards["train"]), None))
+    ckpt = tmp_path / "trained.ckpt"
+    trainer.save_checkpoint(ckpt)
+    trained_bias = torch.stack([r.expert_bias for r in module.model.routers()])
+    assert (trained_bias.abs() > 0).any()  # three steps moved it: a missing buffer would show
+    out = tmp_path / "run"
+    _worker(
+        out,
+        tiny_shards,
+        "--init-from",
+        str(ckpt),
+        "--balance",
+        "both",
+        "--accumulate",
+        "2",
+        "--max-steps",
+        "2",
+    )
+    results = [_result(out, rank) for rank in range(WORLD)]
+    for rank, r in enumerate(results):
+        init = r["init"]
+        assert init["max_diff"] == 0.0, (rank, init)
+        assert sorted(init["buffers"]) == [
+            "blocks.0.moe.router.expert_bias",
+            "blocks.1.moe.router.expert_bias",
+        ]
+        assert init["tensors"] == init["parameters"] + 2
+        assert r["global_step"] == 2 and r["bias_updates"] == 2, (
+            r
+        )  # once per optimizer step, not per micro-batch
+        assert all(math.isfinite(v) for v in r["losses"].values())
+    for step in ("1", "2"):  # every rank holds the same bias after every step
+        assert all(r["bias"][step] == results[0]["bias"][step] for r in results)
+    assert results[0]["bias"]["1"] != results[0]["bias"]["2"] != trained_bias.tolist()
 
 
 def test_bad_ep_size_fails_before_building(tmp_path: Path, tiny_shards) -> None:

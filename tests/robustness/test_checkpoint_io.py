@@ -17,10 +17,8 @@ import lightning as L
 import pytest
 import torch
 
-from emo_lightning.callbacks.safe_checkpoint import SafeModelCheckpoint
-from emo_lightning.checkpointing import (
-    TMP_SUFFIX,
-    AtomicCheckpointIO,
+from emo_lightning.callbacks.safe_checkpoint import AtomicCheckpointIO, SafeModelCheckpoint
+from emo_lightning.checkpoint import (
     CheckpointDirError,
     CheckpointWriteError,
     CorruptCheckpointError,
@@ -29,6 +27,7 @@ from emo_lightning.checkpointing import (
     remove_stale_temporaries,
     tensor_bytes,
 )
+from emo_lightning.checkpoint.files import TMP_SUFFIX
 from emo_lightning.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +49,7 @@ def file_size_limit(limit: int) -> Iterator[None]:
 # ------------------------------------------------------------------ SIGKILL
 WRITER = """
 import sys, torch
-from emo_lightning.checkpointing import atomic_save
+from emo_lightning.checkpoint import atomic_save
 blob = torch.arange(2**21, dtype=torch.float32)
 i = 0
 while True:

@@ -51,16 +51,18 @@ class Poison(L.Callback):
 
 
 class Snapshots(L.Callback):
-    """Weights and AdamW step counts at the start of every optimizer step."""
+    """Weights, buffers and AdamW step counts at the start of every optimizer step."""
 
     def __init__(self) -> None:
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
+        self.buffers: dict[int, dict[str, torch.Tensor]] = {}
         self.adam_steps: dict[int, float] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
         if step not in self.weights:
             self.weights[step] = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+            self.buffers[step] = {k: v.detach().clone() for k, v in pl_module.model.named_buffers()}
             state = trainer.optimizers[0].state.get(pl_module.model.lm_head.weight, {})
             self.adam_steps[step] = float(state.get("step", 0))
 
@@ -82,6 +84,24 @@ def test_a_transient_nonfinite_step_is_skipped(make_shards, tiny) -> None:
     assert any(
         not torch.equal(snaps.weights[4][n], w) for n, w in snaps.weights[3].items()
     )  # later steps train
+
+
+def test_a_skipped_step_leaves_the_selection_bias_alone(make_shards, tiny) -> None:
+    """``router.balance: both``: the bias moves at every optimizer step except the one the guard skips."""
+    tiny_module, tiny_data, tiny_trainer = tiny
+    guard, snaps = NonFiniteGuard(max_consecutive=3), Snapshots()
+    trainer = tiny_trainer(5, [Poison("ce", batches={2}), guard, snaps])
+    module = tiny_module(balance="both", bias_gamma=0.05)
+    trainer.fit(module, datamodule=tiny_data(make_shards(10)))
+    assert guard.skipped == 1
+    bias = {
+        step: torch.stack([w[k] for k in sorted(w) if k.endswith("expert_bias")])
+        for step, w in snaps.buffers.items()
+    }
+    assert torch.equal(bias[3], bias[2])  # the skipped step 2
+    for step in (0, 1, 3):
+        assert not torch.equal(bias[step + 1], bias[step]), step  # every other step moves it
+    assert all(b.isfinite().all() for b in bias.values())
 
 
 @pytest.mark.parametrize(

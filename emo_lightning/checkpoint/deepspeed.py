@@ -11,7 +11,7 @@ a run from the directory itself, with the same ``ep_size``. :func:`load_local_we
 checkpoint into a rank-local expert-parallel model (``emo fit --init_from`` under ``EMODeepSpeedStrategy``),
 reading only the experts the rank holds.
 
-Usage: ``python -m emo_lightning.parallel.checkpoint runs/x/checkpoints/last.ckpt runs/x/consolidated.ckpt``
+Usage: ``python -m emo_lightning.checkpoint.deepspeed runs/x/checkpoints/last.ckpt runs/x/consolidated.ckpt``
 """
 
 from __future__ import annotations
@@ -25,12 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emo_lightning.checkpointing import CheckpointMismatchError
-from emo_lightning.model import ArchConfig, RouterConfig
-from emo_lightning.optim import OptimConfig
-
-# our checkpoints' only non-tensor objects: the typed configs (hyper-parameters), allowed under weights_only
-torch.serialization.add_safe_globals([ArchConfig, RouterConfig, OptimConfig])
+from emo_lightning.checkpoint.files import CheckpointMismatchError, atomic_save
 
 _EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 _EXPERT_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
@@ -97,10 +92,21 @@ def _expert_param(name: str) -> tuple[str, str] | None:
     return (f"{_stack_prefix(head)}.{tail}", tail) if sep else None
 
 
+def checkpointed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of ``model``, by module path: its parameters and persistent buffers (a router's
+    selection bias; not the RoPE tables). Expert stacks keep their module names (not DeepSpeed's per-expert keys)."""
+    out = dict(model.named_parameters())
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf
+    return out
+
+
 @torch.no_grad()
 def load_local_weights(model: nn.Module, path: str | Path, prefix: str = "model.") -> None:
-    """Load a one-file checkpoint's weights (``state_dict`` keys ``prefix`` + one-process names) into ``model``,
-    a rank-local expert-parallel transformer, reading only what the rank holds.
+    """Load a one-file checkpoint's weights and buffers (``state_dict`` keys ``prefix`` + one-process names) into
+    ``model``, a rank-local expert-parallel transformer, reading only what the rank holds.
 
     The file is memory-mapped: dense tensors are copied whole, of every expert stack ``(E',...)`` only the slice
     of this rank's experts (global ids ``local.expert_offset ..``) is read. Missing keys, unexpected keys and
@@ -117,7 +123,7 @@ def load_local_weights(model: nn.Module, path: str | Path, prefix: str = "model.
     }
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     problems, used = [], set()
-    for name, param in model.named_parameters():
+    for name, param in checkpointed_tensors(model).items():
         expert = _expert_param(name)
         key = expert[0] if expert else name
         src = source.get(key)
@@ -144,8 +150,7 @@ def load_local_weights(model: nn.Module, path: str | Path, prefix: str = "model.
 def consolidate(path: str | Path, out: str | Path) -> Path:
     """Write :func:`consolidated_state` of the checkpoint directory ``path`` to the file ``out``."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(consolidated_state(path), out)
+    atomic_save(consolidated_state(path), out)
     return out
 
 

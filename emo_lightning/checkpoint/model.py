@@ -1,4 +1,4 @@
-"""Load an :class:`EMOTransformer` from a Lightning checkpoint (trained or pruned) and write pruned ones.
+"""Load an :class:`EMOTransformer` from a Lightning checkpoint (trained, pruned or consolidated), write one.
 
 A checkpoint is the dict Lightning saves: ``hyper_parameters`` = ``{arch, router, optim}`` (dataclasses),
 ``state_dict`` with keys prefixed ``model.``. Pruned checkpoints have the same layout (so ``emo validate
@@ -17,14 +17,11 @@ from typing import Any
 
 import torch
 
+from emo_lightning.checkpoint.files import CheckpointMismatchError, atomic_save
 from emo_lightning.errors import UserError
 from emo_lightning.model import ArchConfig, EMOTransformer, ModelConfig, RouterConfig
-from emo_lightning.optim import OptimConfig
 
 PREFIX = "model."
-
-# The typed configs are the only non-tensor objects of our checkpoints (allowed under weights_only loading).
-torch.serialization.add_safe_globals([ArchConfig, RouterConfig, OptimConfig])
 
 
 @dataclass
@@ -103,7 +100,7 @@ def load_weights(model: EMOTransformer, path: str | Path) -> None:
     state = model_state(read_checkpoint(path))
     problems = describe_mismatch(state, model.state_dict())
     if problems:
-        raise UserError(
+        raise CheckpointMismatchError(
             f"{path}: the checkpoint does not fit this model ({'; '.join(problems)})",
             "take the architecture from the checkpoint (emo fit --init_from does) or pass a matching one",
         )
@@ -114,9 +111,7 @@ def load_model(path: str | Path) -> LoadedModel:
     """Build the checkpoint's transformer, load its weights (strict) and put it in eval mode."""
     ckpt = read_checkpoint(path)
     hparams = dict(ckpt["hyper_parameters"])
-    model = EMOTransformer(model_config(hparams))
-    model.load_state_dict(model_state(ckpt), strict=True)
-    model.eval()
+    model = EMOTransformer.from_state_dict(model_config(hparams), model_state(ckpt)).eval()
     meta = {"global_step": ckpt.get("global_step"), "emo_pruned": ckpt.get("emo_pruned")}
     return LoadedModel(model, str(path), hparams, meta)
 
@@ -124,7 +119,7 @@ def load_model(path: str | Path) -> LoadedModel:
 def save_checkpoint(
     model: EMOTransformer, hparams: dict[str, Any], path: str | Path, source: dict[str, Any], **extra: Any
 ) -> int:
-    """Write a Lightning-compatible, weights-only checkpoint of ``model``; returns the file size in bytes.
+    """Write a Lightning-compatible, weights-only checkpoint of ``model`` atomically; returns its size in bytes.
 
     ``source`` is the original checkpoint dict (its Lightning version, epoch and step are kept; optimizer
     states are not: a pruned checkpoint is for evaluation and inference).
@@ -142,7 +137,5 @@ def save_checkpoint(
         "hyper_parameters": hp,
         **extra,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
-    return path.stat().st_size
+    atomic_save(ckpt, path)
+    return Path(path).stat().st_size

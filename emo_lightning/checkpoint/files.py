@@ -1,10 +1,14 @@
-"""Checkpoint safety: atomic writes, verification of complete files, and a pre-flight of the checkpoint folder.
+"""Safe files: atomic writes of every artefact, verification of complete checkpoints, a pre-flight of a folder.
 
-* :class:`AtomicCheckpointIO` writes a checkpoint to a temporary file in the same folder, ``fsync``\\ s it,
-  ``os.replace``\\ s it over the target and ``fsync``\\ s the folder: a reader (or a process killed with SIGKILL at
-  any moment) sees either the previous complete file or the new complete one, never a prefix. On failure the
-  temporary file is removed and :class:`CheckpointWriteError` names the path and the reason; before writing, the
-  free space is compared with the size of the checkpoint (the sum of its tensors).
+* :func:`atomic_save` (``torch.save``) and :func:`atomic_write_text` write to a temporary file in the same
+  folder, ``fsync`` it, ``os.replace`` it over the target and ``fsync`` the folder: a reader (or a process killed
+  with SIGKILL at any moment) sees either the previous complete file or the new complete one, never a prefix. On
+  failure the temporary file is removed and :class:`CheckpointWriteError` names the path and the reason; before
+  writing a checkpoint, the free space is compared with its size (the sum of its tensors). Lightning's training
+  checkpoints go through them too (``callbacks/safe_checkpoint.py``).
+* :func:`atomic_folder` builds an output folder (an export) beside its target and renames it into place: a
+  folder is either the previous one or the new one, never a mix; a non-empty target is refused
+  (:func:`check_out_folder`, before any work) unless the caller asked to replace it.
 * :func:`is_complete_checkpoint` checks a file is a whole ``torch.save`` zip archive (central directory present,
   every member's CRC-32 correct) without unpickling it.
 * :func:`preflight_checkpoint_dir` creates the folder, proves it writable with a probe file and compares the
@@ -20,12 +24,11 @@ import resource
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from emo_lightning.errors import UserError
 
@@ -91,6 +94,29 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Run ``write`` on a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder."""
+    directory = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        cause = _os_error(err)
+        if cause is not None:  # torch.save reports a failed write as RuntimeError, the OSError as its context
+            raise CheckpointWriteError(
+                f"cannot write {path}: {cause.strerror or cause}; the partial file was removed, "
+                "the previous file is unchanged"
+            ) from err
+        raise
+    _fsync_dir(directory)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically (temporary file in the same folder, fsync, rename).
 
@@ -110,24 +136,66 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
             f"cannot write checkpoint {path}: it needs about {_mb(need)} but only {_mb(room)} can be written "
             f"there (free space / file-size limit); nothing was written, the previous checkpoint is unchanged"
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=directory)
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_lines(path: str | os.PathLike[str], lines: Iterable[str]) -> None:
+    """Write ``lines`` (UTF-8, streamed) to ``path`` atomically (a JSON result, a subset, routes, a report)."""
+    path = Path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        cause = _os_error(err)
-        if cause is not None:  # torch.save reports a failed write as RuntimeError, the OSError as its context
-            raise CheckpointWriteError(
-                f"cannot write checkpoint {path}: {cause.strerror or cause}; the partial file was removed, "
-                "the previous checkpoint is unchanged"
-            ) from err
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointWriteError(f"cannot write {path}: {err}") from err
+
+    def write(f: IO[bytes]) -> None:
+        for line in lines:
+            f.write(line.encode("utf-8"))
+
+    _atomic_write(path, write)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_lines(path, [text])
+
+
+def check_out_folder(out: str | os.PathLike[str], overwrite: bool = False, flag: str = "--out") -> Path:
+    """Refuse an existing non-empty output folder (or a file in its place) unless ``overwrite``: a user error
+    before any work is done."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out}: exists and is not a folder", "pass a new folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(
+            f"{flag} {out}: the folder is not empty", "pass a new folder, or --overwrite to replace it whole"
+        )
+    return out
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``out``; when the block succeeds it replaces ``out`` whole (the
+    previous folder is renamed away, then deleted). On failure it is removed and ``out`` stays as it was."""
+    out = check_out_folder(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=TMP_SUFFIX, dir=out.parent))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", suffix=TMP_SUFFIX, dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(directory)
 
 
 def _os_error(err: BaseException | None) -> OSError | None:
@@ -150,32 +218,6 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
                 tmp.unlink()
                 removed.append(tmp)
     return removed
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose writes are atomic and whose errors name the file (local paths).
-
-    Remote URLs (``s3://``...) fall back to Lightning's own writer.
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any | None = None
-    ) -> None:
-        if storage_options is not None or "://" in str(path):
-            super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        atomic_save(checkpoint, path)
-
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        if "://" not in str(path) and Path(path).is_file() and not is_complete_checkpoint(path):
-            raise CorruptCheckpointError(
-                f"checkpoint {path} is incomplete or corrupt (truncated or bad CRC)",
-                "resume from an older checkpoint (the step*.ckpt files beside it)",
-            )
-        kwargs: dict[str, Any] = {"weights_only": weights_only}
-        if map_location is not None:
-            kwargs["map_location"] = map_location
-        return super().load_checkpoint(path, **kwargs)
 
 
 # ------------------------------------------------------------------ verification

@@ -1,14 +1,17 @@
-"""Causal pools: chosen from the first N tokens only; later tokens never change earlier routing."""
+"""Documents through the model under a routing: causal pools are chosen from the first N tokens only (later
+tokens never change earlier routing), and every reported pool is the one the router used, bias included."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from emo_lightning.experts.causal_pool import forced_pools, prefix_pools
 from emo_lightning.experts.documents import Document, pack_documents
 from emo_lightning.experts.evaluate import document_losses
-from emo_lightning.experts.routing import Routing, eval_routing
+from emo_lightning.experts.inference import forward_documents, prefix_pools
+from emo_lightning.experts.routes import iter_routes
+from emo_lightning.model import Routing
 from tests.experts.conftest import tiny_model
 
 N, P = 12, 3
@@ -23,12 +26,9 @@ def _routes(model, docs):
     batches = pack_documents(docs, 32, 3, pad_id=1)
     pools = prefix_pools(model, docs, N, P, pad_id=1)
     per_token = []
-    with torch.no_grad(), eval_routing(model, Routing("causal", P, N)):
-        for b in batches:
-            with forced_pools(model, pools, b):
-                out = model(b.input_ids, b.doc_ids, return_routes=True)
-            for lr in out.layers:
-                per_token.append((b.doc_index, b.doc_pos, lr.experts, lr.weights))
+    for b, out in forward_documents(model, docs, batches, Routing("causal", P, N), 1, return_routes=True):
+        for lr in out.layers:
+            per_token.append((b.doc_index, b.doc_pos, lr.experts, lr.weights))
     return pools, per_token
 
 
@@ -97,9 +97,27 @@ def test_running_pools_make_the_whole_model_causal() -> None:
     logits = []
     for ds in (docs, changed):
         batches = pack_documents(ds, 32, 3, pad_id=1)
-        with torch.no_grad(), eval_routing(model, Routing("running", P)):
-            logits.append([(b.doc_index, b.doc_pos, model(b.input_ids, b.doc_ids).logits) for b in batches])
+        outs = forward_documents(model, ds, batches, Routing("running", P), 1)
+        logits.append([(b.doc_index, b.doc_pos, out.logits) for b, out in outs])
     for (ia, pa, la), (_, _, lb) in zip(*logits, strict=True):
         early = (ia >= 0) & (pa < cut)
         torch.testing.assert_close(la[early], lb[early], rtol=0, atol=1e-5)
         assert not torch.allclose(la[(ia >= 0) & (pa > cut)], lb[(ia >= 0) & (pa > cut)])
+
+
+@pytest.mark.parametrize("routing", [Routing("pool", 3), Routing("causal", 3, N)])
+def test_routes_report_the_pools_the_router_used_with_a_selection_bias(routing: Routing) -> None:
+    """The pools ``emo-experts routes`` writes hold every routed expert of every token, for a model whose large
+    selection bias decides its pools (the toolkit once reported the unbiased top-P: 60% of tokens outside)."""
+    model = tiny_model(bias=3.0)
+    docs = _docs(4)
+    records = list(iter_routes(model, docs, pack_documents(docs, 32, 3, pad_id=1), routing, pad_id=1))
+    checked = 0
+    for rec in records:
+        for layer in rec["layers"]:
+            starts = [p["from"] for p in layer["pools"]]
+            for t, experts in enumerate(layer["experts"]):
+                pool = layer["pools"][sum(s <= t for s in starts) - 1]["experts"]
+                assert len(pool) == 3 and set(experts[:2]) <= set(pool)  # routed ids first, shared id 8 last
+                checked += 1
+    assert checked == 3 * sum(len(d.tokens) for d in docs)
