@@ -1,10 +1,10 @@
 """The whole ``build-shards``: a plan, then N tasks on one of datatrove's executors, then one manifest.
 
-``datatrove`` runs the tasks (``LocalPipelineExecutor`` on one machine, ``SlurmPipelineExecutor`` as Slurm job
-arrays, ``RayPipelineExecutor`` on a Ray cluster): two pipelines of one step each, the tokenising tasks
-(:class:`TokenizeTask`, task ``rank`` runs :func:`data_tools.shards.build_task`) and, depending on them, one task
-writing ``manifest.json`` (:class:`WriteManifest`). datatrove's logs, statistics and completion markers live under
-``<out>/.build/``; running the same command again after a failure resumes: finished tasks are skipped.
+:func:`plan_build` checks the inputs and the tokenizer and shares the files out between the tasks;
+:func:`run_build` prepares the output folder (or finds an interrupted build of the same plan to resume) and hands
+the tasks to :mod:`data_tools.executors` (datatrove: local processes, Slurm job arrays, Ray). Without datatrove
+installed (a bare GPU node with only the training stack), a local build running one task at a time runs them one
+after the other in this process: the same shards, no scheduling.
 
 datatrove's own readers are not used: they log and skip a bad JSON line (no fail policy, no count in the
 manifest); :mod:`data_tools.inputs` reads the files with fsspec, pyarrow and zstandard under the project's policy.
@@ -14,22 +14,16 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
-from datatrove.executor.base import PipelineExecutor
-from datatrove.pipeline.base import PipelineStep
-from loguru import logger
+from typing import Literal
 
 from data_tools.errors import UserError
 from data_tools.inputs import expand_inputs
 from data_tools.manifest import MANIFEST_NAME, Manifest
-from data_tools.records import Fields, OnError, SkipLog
+from data_tools.records import Fields, OnError
 from data_tools.shards import (
     BuildConfig,
     BuildResult,
@@ -44,42 +38,7 @@ from data_tools.tokenizer import file_sha256, load_tokenizer, special_ids
 
 ExecutorKind = Literal["local", "slurm", "ray"]
 RAY_FIX = "install it (pip install 'ray[default]') and start or join a cluster (RAY_ADDRESS), or use --executor local|slurm"
-
-
-class TokenizeTask(PipelineStep):
-    """datatrove step: task ``rank`` tokenises its files into its shards and its part manifest."""
-
-    name = "tokenise into WebDataset shards"
-    type = "emo-data"
-
-    def __init__(self, config: BuildConfig) -> None:
-        super().__init__()
-        self.config = config
-
-    def run(self, data: Any = None, rank: int = 0, world_size: int = 1):
-        if world_size != self.config.tasks:
-            raise RuntimeError(f"the plan has {self.config.tasks} tasks, the executor runs {world_size}")
-        result = build_task(self.config, rank)
-        self.stat_update("documents", value=result.docs)
-        self.stat_update("tokens", value=result.tokens)
-        self.stat_update("shards", value=len(result.shards))
-        self.stat_update("skipped", value=SkipLog.from_dict(result.skipped).total)
-        yield from ()
-
-
-class WriteManifest(PipelineStep):
-    """datatrove step (one task, after every :class:`TokenizeTask`): merge the part manifests."""
-
-    name = "write manifest.json"
-    type = "emo-data"
-
-    def __init__(self, config: BuildConfig) -> None:
-        super().__init__()
-        self.config = config
-
-    def run(self, data: Any = None, rank: int = 0, world_size: int = 1):
-        merge_manifest(self.config)
-        yield from ()
+DATATROVE_FIX = "install it (pip install datatrove, a dependency of emo-lightning), or run one task at a time"
 
 
 @dataclass
@@ -110,65 +69,6 @@ class ExecutorOptions:
             raise UserError("--executor slurm: no sbatch command here", "run it on a Slurm login node")
         if self.kind == "ray" and importlib.util.find_spec("ray") is None:
             raise UserError("--executor ray: the ray package is not installed", RAY_FIX)
-
-
-def make_executors(
-    config: BuildConfig, options: ExecutorOptions
-) -> tuple[PipelineExecutor, PipelineExecutor]:
-    """(the tokenising tasks, the manifest task that depends on them) for ``options.kind``."""
-    out = Output(config.out)
-    tokenize, manifest = [TokenizeTask(config)], [WriteManifest(config)]
-    logs, manifest_logs = out.build_url("tokenize"), out.build_url("manifest")
-    if options.kind == "local":
-        # fork: workers inherit this process's state (the silenced datatrove console log)
-        first = LocalPipelineExecutor(
-            tokenize,
-            tasks=config.tasks,
-            workers=min(options.workers, config.tasks),
-            logging_dir=logs,
-            start_method="fork",
-        )
-        second = LocalPipelineExecutor(manifest, tasks=1, workers=1, logging_dir=manifest_logs, depends=first)
-        return first, second
-    if options.kind == "slurm":
-        env = options.env_command
-        if env is None and sys.prefix != sys.base_prefix:
-            env = f"source {Path(sys.prefix) / 'bin' / 'activate'}"
-        first = SlurmPipelineExecutor(
-            tokenize,
-            tasks=config.tasks,
-            workers=options.workers,
-            time=options.time,
-            partition=options.partition,
-            cpus_per_task=options.cpus_per_task,
-            mem_per_cpu_gb=options.mem_per_cpu_gb,
-            job_name=options.job_name,
-            env_command=env,
-            logging_dir=logs,
-        )
-        second = SlurmPipelineExecutor(
-            manifest,
-            tasks=1,
-            time="01:00:00",
-            partition=options.partition,
-            cpus_per_task=1,
-            mem_per_cpu_gb=max(options.mem_per_cpu_gb, 4),
-            job_name=f"{options.job_name}-manifest",
-            env_command=env,
-            logging_dir=manifest_logs,
-            depends=first,
-        )
-        return first, second
-    from datatrove.executor import RayPipelineExecutor
-
-    kwargs = {"cpus_per_task": options.cpus_per_task, "mem_per_cpu_gb": options.mem_per_cpu_gb}
-    first = RayPipelineExecutor(
-        tokenize, tasks=config.tasks, workers=options.workers, logging_dir=logs, **kwargs
-    )
-    second = RayPipelineExecutor(
-        manifest, tasks=1, workers=1, logging_dir=manifest_logs, depends=first, **kwargs
-    )
-    return first, second
 
 
 def plan_build(
@@ -240,18 +140,24 @@ def run_build(
     config: BuildConfig, options: ExecutorOptions, *, overwrite: bool = False
 ) -> BuildResult | Submitted:
     """Run (local, Ray) or submit (Slurm) the planned build."""
+    in_process = importlib.util.find_spec("datatrove") is None
+    if in_process and not (options.kind == "local" and min(options.workers, config.tasks) == 1):
+        raise UserError(
+            f"--executor {options.kind} --workers {options.workers}: datatrove is not installed",
+            DATATROVE_FIX,
+        )
     resumed = prepare_output(config, config.tokenizer["path"], overwrite)
-    first, second = make_executors(config, options)
     t0 = time.perf_counter()
-    if options.kind == "slurm":
-        second.run()  # submits the task array first, then the manifest job depending on it
-        return Submitted(config, str(first.job_id), str(second.job_id), resumed)
-    if options.kind == "local":
-        logger.disable("datatrove")  # its console log would bury ours; errors surface as our one line
-    try:
-        second.run()
-    finally:
-        logger.enable("datatrove")
+    if in_process:
+        for task in range(config.tasks):
+            build_task(config, task)
+        merge_manifest(config)
+    else:
+        from data_tools import executors
+
+        jobs = executors.run(config, options)
+        if jobs is not None:
+            return Submitted(config, jobs[0], jobs[1], resumed)
     out = Output(config.out)
     if not out.exists(MANIFEST_NAME):  # e.g. Ray gave up on a task after its retries
         read_parts(config)  # names the unfinished task

@@ -12,9 +12,7 @@ import json
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
-
-import zstandard
+from typing import IO, Any
 
 from data_tools.records import (
     DEFAULT_FIELDS,
@@ -32,7 +30,7 @@ from data_tools.records import (
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_CORRUPT = (OSError, EOFError, zlib.error, zstandard.ZstdError)
+_CORRUPT = (OSError, EOFError, zlib.error)
 
 
 class ZstdFrames(io.RawIOBase):
@@ -43,10 +41,13 @@ class ZstdFrames(io.RawIOBase):
     """
 
     def __init__(self, raw: IO[bytes], chunk: int = 1 << 16) -> None:
+        import zstandard  # only where a file needs it
+
         super().__init__()
         self.raw, self.chunk = raw, chunk
         self._dctx = zstandard.ZstdDecompressor()
-        self._frame: zstandard.ZstdDecompressionObj | None = None  # the frame being decoded
+        self._error = zstandard.ZstdError
+        self._frame: Any = None  # the zstandard.ZstdDecompressionObj of the frame being decoded
         self._out = memoryview(b"")
 
     def readable(self) -> bool:
@@ -63,7 +64,10 @@ class ZstdFrames(io.RawIOBase):
             while data:
                 if self._frame is None:
                     self._frame = self._dctx.decompressobj()
-                decoded.append(self._frame.decompress(data))
+                try:
+                    decoded.append(self._frame.decompress(data))
+                except self._error as err:
+                    raise OSError(f"zstd: {err}") from err
                 if self._frame.eof:  # the frame is complete; what follows is the next frame
                     data, self._frame = self._frame.unused_data, None
                 else:

@@ -12,9 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import IO
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from data_tools.records import (
     DEFAULT_FIELDS,
     UNREADABLE_FILE,
@@ -29,7 +26,6 @@ from data_tools.records import (
 
 PARQUET_MAGIC = b"PAR1"
 BATCH_ROWS = 1024
-_CORRUPT = (pa.ArrowException, OSError, EOFError)
 
 
 def columns(fields: Fields, names: list[str]) -> list[str]:
@@ -54,6 +50,9 @@ def iter_rows(
     size: int = 0,
 ) -> Iterator[Record]:
     """The valid records of an open parquet file (``raw`` seekable; ``size`` its bytes, for ``progress``)."""
+    import pyarrow as pa  # only where a file needs it
+    import pyarrow.parquet as pq
+
     row = 0
     try:
         pf = pq.ParquetFile(raw)
@@ -70,6 +69,6 @@ def iter_rows(
                 yield record
             if progress is not None:
                 progress(size * row // total)
-    except _CORRUPT as err:
+    except (pa.ArrowException, OSError, EOFError) as err:
         detail = " ".join(str(err).split())
         handle(InputError(path, row + 1, UNREADABLE_FILE, f"corrupt file: {detail}"), on_error, skips)

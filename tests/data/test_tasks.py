@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.build import ExecutorOptions, build_shards, make_executors, plan_build
+from data_tools.build import ExecutorOptions, build_shards, plan_build
 from data_tools.cli import main
+from data_tools.executors import make_executors
 from data_tools.manifest import Manifest
 from data_tools.shards import assign_files
 
