@@ -10,18 +10,18 @@
 #   TASKS=200 PARTITION=cpu scripts/launch/build_shards_slurm.sh /lustre/fineweb/data /lustre/shards/fineweb \
 #       tokenizer.json --domain-from-path '/data/(?P<domain>[^/]+)/'
 #
-# Layout of a 1T-token build (numbers from `make bench`, data_build, docs/performance.md):
-#   * rate: one process tokenises ~0.5M tokens/s from compressed files to shards (measured: 0.49M with this
-#     project's 4k-vocabulary BPE on a 2-core EPYC; a 128k-vocabulary BPE is of the same order per token);
-#     2 processes give ~1.9x one, and tasks share nothing, so the rate adds up over processes and nodes.
-#   * 1T tokens = 2.0M process-seconds = 560 process-hours.
-#   * TASKS=2000 (fewer tasks than input files: FineWeb, Dolma and RedPajama come in thousands of files):
-#     500M tokens per task, ~17 min each; auto shard size gives 4 shards of 128M tokens per task (8000 shards,
-#     256 MB each with uint16 ids, 512 MB with uint32), >> ranks x loader workers of any run.
-#   * WORKERS=1600 array tasks at once (8 nodes x 200 cores, as the EMO authors tokenise): 2 waves,
-#     ~35-40 min wall time plus queueing; 4 nodes x 100 cores: 5 waves, ~1.5 h.
-#   * per task: 1 CPU, 2 GB of memory, ~2-3 GB of node-local scratch (--tmp-dir, default /tmp for a URL
-#     output, or $OUT/.build for a shared-filesystem output).
+# Layout of a 1T-token build (rates from `make bench`, data_build; docs/performance.md):
+#   * rate: one process turns 0.79M tokens per CPU-second from files into shards (this project's 4k-vocabulary
+#     BPE, one core of a Xeon VM; 0.84x a bare tokenizers encode_batch_fast of the same text). Tasks share
+#     nothing, so the rate adds up over processes and nodes. It depends on the tokenizer: time one task of your
+#     corpus first (--tasks 1 on a sample) and scale the numbers below.
+#   * 1T tokens = 1.27M process-seconds = 350 process-hours.
+#   * TASKS=2000 (fewer tasks than input files: FineWeb, Dolma and RedPajama come in thousands of files, shared out
+#     by size): 500M tokens per task, ~11 min each; --shard-size auto gives 4 shards of <= 128M tokens per task,
+#     8000 shards in all (256 MB each with uint16 ids, 512 MB with uint32), >> ranks x loader workers of any run.
+#   * WORKERS=1600 array tasks at once (8 nodes x 200 cores, as the EMO authors tokenise): 2 waves, ~25 min of
+#     wall time plus queueing, then the manifest job (seconds); 4 nodes x 100 cores: 5 waves, ~1 h.
+#   * per task: 1 CPU, 2 GB of memory, 1-2 GB of node-local scratch (--tmp-dir; 2-4 bytes per token of the task).
 set -euo pipefail
 INPUT=${1:?usage: $0 INPUT OUT [TOKENIZER] [more emo-data build-shards options]}
 OUT=${2:?usage: $0 INPUT OUT [TOKENIZER] [more emo-data build-shards options]}
