@@ -62,14 +62,14 @@ data: $(SHARDS)/train/manifest.json $(SHARDS)/val/manifest.json
 
 $(SHARDS)/%/manifest.json: | install
 	$(BIN)/emo-data build-shards --input $(CORPUS)/$*/*.jsonl.gz --tokenizer $(TOKENIZER) \
-		--out $(SHARDS)/$* --workers 2
+		--out $(SHARDS)/$*
 
 # All eight domains of ../shared/corpus (research-only: stays outside git).
 data-shared: | install
 	$(BIN)/emo-data build-shards --input $(SHARED_CORPUS)/train/*.jsonl.gz --tokenizer $(TOKENIZER) \
-		--out $(SHARDS)/shared_train --workers 2
+		--out $(SHARDS)/shared_train
 	$(BIN)/emo-data build-shards --input $(SHARED_CORPUS)/val/*.jsonl.gz --tokenizer $(TOKENIZER) \
-		--out $(SHARDS)/shared_val --workers 2
+		--out $(SHARDS)/shared_val
 
 # Multi-node: `make train NODES=2 GPUS=8 CONFIG=conf/experiment/emo_1b14b.yaml`, run on every node under
 # torchrun or srun (scripts/launch/); Lightning's environment detection supplies ranks and the rendezvous.

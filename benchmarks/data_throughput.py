@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from data_tools.shards import build_shards
+from data_tools.build import build_shards
 from emo_lightning.data import ShardDataModule
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
     python -m benchmarks.run [--only router,moe_layer,...] [--quick]
 
-Benchmarks (one module each): router, moe_layer, train_step, data_loader, scaling, expert_usage
+Benchmarks (one module each): router, moe_layer, train_step, data_loader, scaling, expert_usage, data_build
 (``expert_usage_overhead``). Every comparison is timed
 side by side in one process with fixed thread counts (see ``benchmarks.timing``); on a GPU everything runs
 on CUDA with CUDA events. Targets are reported as met/MISSED but never fail the run: the exit status is
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import data_loader, expert_usage_overhead, moe_layer, router, scaling, train_step
+from benchmarks import data_build, data_loader, expert_usage_overhead, moe_layer, router, scaling, train_step
 from benchmarks.timing import CLOCKS, Row, device, loadavg, machine, set_clock
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -32,6 +32,7 @@ BENCHMARKS = {
     "data_loader": data_loader.run,
     "scaling": scaling.run,
     "expert_usage": expert_usage_overhead.run,
+    "data_build": data_build.run,
 }
 
 

@@ -211,7 +211,7 @@ def resolve_shards(args: argparse.Namespace, corpus: Path, work: Path, clock: Cl
 
         if Manifest.load(out).build.get("inputs") == [str(p) for p in inputs]:
             return out, False  # built from this corpus by an earlier run
-    from data_tools.shards import build_shards
+    from data_tools.build import build_shards
 
     workers = max(1, min(8, (os.cpu_count() or 2) - 1))
     clock.say(

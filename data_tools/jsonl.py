@@ -1,113 +1,102 @@
-"""Reading raw JSON Lines documents (plain or gzip) with explicit handling of bad input.
+"""Reading JSON Lines documents (plain, gzip or zstd; a local path or any fsspec URL) with explicit bad input.
 
-Every problem is reported as ``<file>:<line>: <reason>: <detail>``. Under ``on_error="fail"`` the first
-problem raises :class:`InputError`; under ``"skip"`` the record is dropped and counted in a :class:`SkipLog`
-(which ends up in the manifest). Blank lines carry no data and are ignored.
+The compression is detected from the file's first bytes, not its name. Every problem is reported as
+``<file>:<line>: <reason>: <detail>`` (see :mod:`data_tools.records`). Blank lines carry no data and are ignored.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any
 
-from data_tools.errors import UserError
-from data_tools.manifest import UNKNOWN_DOMAIN
+from data_tools.records import (
+    DEFAULT_FIELDS,
+    INVALID_JSON,
+    INVALID_UTF8,
+    UNREADABLE_FILE,
+    Fields,
+    InputError,
+    OnError,
+    Record,
+    SkipLog,
+    handle,
+    make_record,
+)
 
-OnError = Literal["fail", "skip"]
-MAX_EXAMPLES = 10
-
-# Reasons a record is rejected (keys of the manifest's ``skipped.counts``).
-INVALID_UTF8 = "invalid_utf8"
-INVALID_JSON = "invalid_json"
-NOT_AN_OBJECT = "not_an_object"
-MISSING_TEXT = "missing_text"
-EMPTY_TEXT = "empty_text"
-BAD_FIELD_TYPE = "bad_field_type"
-UNREADABLE_FILE = "unreadable_file"
-TOKENIZER_ERROR = "tokenizer_error"
-
-
-class InputError(UserError, ValueError):
-    """A bad input record or file; the message names file and line (line 0: the whole file)."""
-
-    def __init__(self, path: str, line: int, reason: str, detail: str) -> None:
-        fix = (
-            "check the path"
-            if line == 0
-            else "fix or remove the record (emo-data build-shards --on-error skip skips and counts bad records)"
-        )
-        super().__init__(f"{path}:{line}: {reason}: {detail}", fix)
-        self.path, self.line, self.reason, self.detail = path, line, reason, detail
-
-    def __reduce__(self):  # picklable across worker processes
-        return (InputError, (self.path, self.line, self.reason, self.detail))
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_CORRUPT = (OSError, EOFError, zlib.error)
 
 
-@dataclass
-class SkipLog:
-    """Skipped records per reason, with up to ``MAX_EXAMPLES`` ``file:line: detail`` examples each."""
+class ZstdFrames(io.RawIOBase):
+    """Decompresses a stream of zstd frames and raises ``EOFError`` when the input stops inside a frame.
 
-    counts: dict[str, int] = field(default_factory=dict)
-    examples: dict[str, list[str]] = field(default_factory=dict)
+    Written here because ``zstandard``'s ``stream_reader`` ends silently at a truncated frame (it returns the
+    bytes decoded so far, then EOF), which would drop the rest of the file without a word.
+    """
 
-    def add(self, err: InputError) -> None:
-        self.counts[err.reason] = self.counts.get(err.reason, 0) + 1
-        examples = self.examples.setdefault(err.reason, [])
-        if len(examples) < MAX_EXAMPLES:
-            examples.append(f"{err.path}:{err.line}: {err.detail}")
+    def __init__(self, raw: IO[bytes], chunk: int = 1 << 16) -> None:
+        import zstandard  # only where a file needs it
 
-    def merge(self, other: SkipLog) -> None:
-        for reason, n in other.counts.items():
-            self.counts[reason] = self.counts.get(reason, 0) + n
-            room = MAX_EXAMPLES - len(self.examples.setdefault(reason, []))
-            self.examples[reason].extend(other.examples.get(reason, [])[: max(room, 0)])
+        super().__init__()
+        self.raw, self.chunk = raw, chunk
+        self._dctx = zstandard.ZstdDecompressor()
+        self._error = zstandard.ZstdError
+        self._frame: Any = None  # the zstandard.ZstdDecompressionObj of the frame being decoded
+        self._out = memoryview(b"")
 
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
+    def readable(self) -> bool:
+        return True
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "counts": dict(sorted(self.counts.items())), "examples": self.examples}
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        while not self._out:
+            data = self.raw.read(self.chunk)
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("zstd stream ended inside a frame (truncated file)")
+                return 0
+            decoded = []
+            while data:
+                if self._frame is None:
+                    self._frame = self._dctx.decompressobj()
+                try:
+                    decoded.append(self._frame.decompress(data))
+                except self._error as err:
+                    raise OSError(f"zstd: {err}") from err
+                if self._frame.eof:  # the frame is complete; what follows is the next frame
+                    data, self._frame = self._frame.unused_data, None
+                else:
+                    data = b""
+            self._out = memoryview(b"".join(decoded))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
 
-
-@dataclass
-class Record:
-    """One valid document."""
-
-    line: int
-    id: str
-    domain: str
-    text: str
-
-
-def handle(err: InputError, on_error: OnError, skips: SkipLog) -> None:
-    """Raise ``err`` under ``fail``, count it under ``skip``."""
-    if on_error == "fail":
-        raise err
-    skips.add(err)
-
-
-def _open(path: Path):
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
-
-
-def _check_str(value: Any, name: str) -> str | None:
-    """Return an error detail if ``value`` is not encodable text."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return f"field {name!r} is not valid Unicode (lone surrogate at {err.start})"
-    return None
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
-def parse_line(raw: bytes, path: str, line: int) -> Record | None:
+def decompressed(raw: IO[bytes]) -> IO[bytes]:
+    """``raw`` (seekable, at its start) decompressed according to its magic bytes."""
+    magic = raw.read(4)
+    raw.seek(0)
+    if magic[:2] == GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if magic == ZSTD_MAGIC:
+        return io.BufferedReader(ZstdFrames(raw), buffer_size=1 << 16)
+    return raw
+
+
+def parse_line(
+    raw: bytes, path: str, line: int, fields: Fields = DEFAULT_FIELDS, file_domain: str | None = None
+) -> Record | None:
     """Validate one raw line; ``None`` for a blank line. Raises :class:`InputError`."""
     try:
         text_line = raw.decode("utf-8")
@@ -119,70 +108,54 @@ def parse_line(raw: bytes, path: str, line: int) -> Record | None:
         obj = json.loads(text_line)
     except json.JSONDecodeError as err:
         raise InputError(path, line, INVALID_JSON, f"{err.msg} at column {err.colno}") from None
-    if not isinstance(obj, dict):
-        raise InputError(path, line, NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
-    if "text" not in obj:
-        raise InputError(path, line, MISSING_TEXT, "record has no 'text' field")
-    text = obj["text"]
-    if not isinstance(text, str):
-        raise InputError(path, line, BAD_FIELD_TYPE, f"'text' must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise InputError(path, line, EMPTY_TEXT, "'text' is empty or whitespace only")
-    domain = obj.get("domain")
-    if domain is None or domain == "":
-        domain = UNKNOWN_DOMAIN
-    elif not isinstance(domain, str):
-        raise InputError(
-            path, line, BAD_FIELD_TYPE, f"'domain' must be a string, got {type(domain).__name__}"
-        )
-    doc_id = obj.get("id")
-    if doc_id is None or doc_id == "":
-        doc_id = f"{Path(path).name.split('.')[0]}-{line}"
-    elif isinstance(doc_id, int) and not isinstance(doc_id, bool):
-        doc_id = str(doc_id)
-    elif not isinstance(doc_id, str):
-        raise InputError(
-            path, line, BAD_FIELD_TYPE, f"'id' must be a string or integer, got {type(doc_id).__name__}"
-        )
-    for name, value in (("text", text), ("domain", domain), ("id", doc_id)):
-        detail = _check_str(value, name)
-        if detail:
-            raise InputError(path, line, INVALID_UTF8, detail)
-    return Record(line=line, id=doc_id, domain=domain, text=text)
+    return make_record(obj, path, line, fields, file_domain)
 
 
-def iter_records(
-    path: str | Path, on_error: OnError, skips: SkipLog, progress: Callable[[int], None] | None = None
+def iter_lines(
+    raw: IO[bytes],
+    path: str,
+    on_error: OnError,
+    skips: SkipLog,
+    progress: Callable[[int], None] | None = None,
+    fields: Fields = DEFAULT_FIELDS,
+    file_domain: str | None = None,
 ) -> Iterator[Record]:
-    """Yield the valid records of one JSONL file (gzip detected by its magic bytes).
-
-    ``progress``, if given, is called now and then with the number of (compressed) file bytes read so far.
-    """
-    path = Path(path)
-    name = str(path)
+    """The valid records of an open JSON Lines file (``raw``: the compressed bytes, seekable)."""
     line = 0
-    try:
-        f = _open(path)
-    except OSError as err:
-        raise InputError(name, 0, UNREADABLE_FILE, str(err)) from None
-    raw_file = getattr(f, "fileobj", f)
-    with f:
+    with decompressed(raw) as f:
         while True:
             try:
-                raw = f.readline()
-            except (OSError, EOFError, zlib.error) as err:
-                # A truncated or corrupt gzip stream: the rest of the file cannot be read.
-                handle(InputError(name, line + 1, UNREADABLE_FILE, f"corrupt file: {err}"), on_error, skips)
+                data = f.readline()
+            except _CORRUPT as err:
+                # A truncated or corrupt compressed stream: the rest of the file cannot be read.
+                handle(InputError(path, line + 1, UNREADABLE_FILE, f"corrupt file: {err}"), on_error, skips)
                 return
-            if not raw:
+            if not data:
                 return
             line += 1
             if progress is not None and line % 256 == 0:
-                progress(raw_file.tell())
+                progress(raw.tell())
             try:
-                record = parse_line(raw, name, line)
+                record = parse_line(data, path, line, fields, file_domain)
             except InputError as err:
                 handle(err, on_error, skips)
                 continue
             if record is not None:
                 yield record
+
+
+def iter_records(
+    path: str | Path,
+    on_error: OnError,
+    skips: SkipLog,
+    progress: Callable[[int], None] | None = None,
+    fields: Fields = DEFAULT_FIELDS,
+) -> Iterator[Record]:
+    """Yield the valid records of one local JSON Lines file (plain, gzip or zstd)."""
+    name = str(path)
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 (closed by iter_lines)
+    except OSError as err:
+        raise InputError(name, 0, UNREADABLE_FILE, str(err)) from None
+    with raw:
+        yield from iter_lines(raw, name, on_error, skips, progress, fields, fields.path_domain(name))

@@ -18,6 +18,7 @@ from data_tools.errors import UserError
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[SEP]", "<|im_end|>")
+TOKENIZER_FIX = "pass a Hugging Face tokenizer.json, e.g. data/tokenizer.json"
 PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")
 
 
@@ -39,7 +40,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a Hugging Face ``tokenizer.json`` that encodes special-token strings in text as text."""
-    fix = "pass a Hugging Face tokenizer.json, e.g. data/tokenizer.json"
+    fix = TOKENIZER_FIX
     if not Path(path).is_file():
         raise UserError(f"{path}: no such tokenizer file", fix)
     try:
@@ -48,6 +49,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"{path}: not a tokenizer ({reason})", fix) from err
     tokenizer.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, not the EOS id
+    return tokenizer
+
+
+def load_tokenizer_json(text: str, source: str) -> Tokenizer:
+    """:func:`load_tokenizer` from the JSON text of a ``tokenizer.json`` (``source`` names it in errors)."""
+    try:
+        tokenizer = Tokenizer.from_str(text)
+    except Exception as err:  # tokenizers raises a bare Exception for parse errors
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{source}: not a tokenizer ({reason})", TOKENIZER_FIX) from err
+    tokenizer.encode_special_tokens = True
     return tokenizer
 
 

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from emo_lightning.callbacks import ExpertUsageMonitor, TokenThroughputMonitor
+from emo_lightning.callbacks import DomainTokenMonitor, ExpertUsageMonitor, TokenThroughputMonitor
 from emo_lightning.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossError
 from emo_lightning.callbacks.preemption import PreemptionCheckpoint
 from emo_lightning.callbacks.safe_checkpoint import SafeModelCheckpoint
@@ -229,7 +229,12 @@ class EMOCLI(LightningCLI):
     @staticmethod
     def _monitors(init: Any, user: list[Callback]) -> list[Callback]:
         """The monitors every run gets (a kind the user already passed in ``trainer.callbacks`` is not doubled)."""
-        ours = [init.expert_usage, init.throughput, LearningRateMonitor(logging_interval="step")]
+        ours = [
+            init.expert_usage,
+            init.throughput,
+            LearningRateMonitor(logging_interval="step"),
+            DomainTokenMonitor(),
+        ]
         return [m for m in ours if not any(isinstance(c, type(m)) for c in user)]
 
     def before_fit(self) -> None:

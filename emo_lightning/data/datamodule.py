@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from data_tools.manifest import Manifest
 from emo_lightning.data.dataset import PackedShardDataset
-from emo_lightning.data.shards import expand_shards, load_manifest, shard_tokens
+from emo_lightning.data.shard_reader import expand_shards, load_manifest, shard_infos, shard_tokens
 from emo_lightning.errors import ConfigError, UserError
 
 
@@ -53,6 +54,10 @@ class ShardDataModule(L.LightningDataModule):
             ``skipped_shards``, logged as ``data/skipped_shards``); more than this fraction of failed shards stops
             the run with ``ShardFailureError``. Documents with token ids outside the manifest's vocabulary are
             skipped (``data/skipped_docs``).
+        mix: training domain mixture, domain -> weight (OLMo-style; weights >= 0, normalised to shares of the
+            training tokens): documents are sampled by domain weight; domains left out are not trained on.
+            ``None`` (default): the corpus's own mix. Realised shares are logged by ``DomainTokenMonitor``
+            (``data/token_share/<domain>``); validation is never reweighted.
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class ShardDataModule(L.LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
         max_bad_shard_fraction: float = 0.1,
+        mix: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -92,6 +98,8 @@ class ShardDataModule(L.LightningDataModule):
         self._domains: dict[str, int] | None = None
         self._resume_batches: int | None = None
         self.max_bad_shard_fraction = max_bad_shard_fraction
+        self.mix = check_mix(mix)
+        self._mix_checked = False
 
     # ------------------------------------------------------------------ manifest-derived attributes
     @property
@@ -172,8 +180,30 @@ class ShardDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Read the manifests (then ``domains``, ``vocab_size``, ``eos_id``, ``pad_id`` are available)."""
         _ = self.domain_vocab
+        self._check_mix_domains()
 
-    def _dataset(self, urls: list[str], tokens: list[int] | None, train: bool) -> PackedShardDataset:
+    def _check_mix_domains(self) -> None:
+        """``data.mix`` names domains of the training manifest; those it leaves out are announced once."""
+        if self.mix is None or self._mix_checked:
+            return
+        known = self.manifest.domains
+        for name in self.mix:
+            if name not in known:
+                raise ConfigError(
+                    f"data.mix: unknown domain {name!r}",
+                    f"the training shards have {', '.join(sorted(known))}",
+                )
+        left_out = sorted(set(known) - {k for k, w in self.mix.items() if w > 0})
+        if left_out:
+            warnings.warn(
+                f"data.mix: domains {', '.join(left_out)} have no weight: their documents are not trained on",
+                stacklevel=2,
+            )
+        self._mix_checked = True
+
+    def _dataset(
+        self, urls: list[str], tokens: list[int] | None, train: bool, domain_tokens: list | None = None
+    ) -> PackedShardDataset:
         rank, world = self._rank_world()
         return PackedShardDataset(
             urls,
@@ -190,19 +220,23 @@ class ShardDataModule(L.LightningDataModule):
             even_batches=not train and world > 1,
             vocab_size=self.vocab_size,
             max_bad_shard_fraction=self.max_bad_shard_fraction,
+            mix=self.mix if train else None,
+            shard_domain_tokens=domain_tokens,
         )
 
     def train_dataset(self) -> PackedShardDataset:
-        """The resampled training stream of this rank."""
+        """The resampled training stream of this rank (sampled by ``mix`` when one is given)."""
         manifest = self.manifest
         assert self._train_urls is not None
-        tokens = shard_tokens(self._train_urls, manifest)
-        if tokens is None:
+        self._check_mix_domains()
+        infos = shard_infos(self._train_urls, manifest)
+        if infos is None:
             raise UserError(
                 f"data.train_shards: some shards are not listed in {manifest.source}",
                 "point data.train_shards at the shard folder, or pass the manifest that lists them",
             )
-        return self._dataset(self._train_urls, tokens, train=True)
+        domain_tokens = [{k: v["tokens"] for k, v in s.domains.items()} for s in infos]
+        return self._dataset(self._train_urls, [s.tokens for s in infos], True, domain_tokens)
 
     def val_dataset(self) -> PackedShardDataset | None:
         """The single-pass validation stream of this rank (``None`` without ``val_shards``)."""
@@ -239,3 +273,25 @@ class ShardDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_batches = int(state_dict.get("train_batches", 0))
+
+
+def check_mix(mix: dict[str, float] | None) -> dict[str, float] | None:
+    """``data.mix`` as floats, checked: weights finite and >= 0, some positive (domain names: at setup)."""
+    if mix is None:
+        return None
+    if not isinstance(mix, dict) or not mix:
+        raise ConfigError(
+            "data.mix", f"must map domain names to weights, e.g. {{code: 0.5, math: 0.5}}, got {mix!r}"
+        )
+    out = {}
+    for name, weight in mix.items():
+        try:
+            w = float(weight)
+        except (TypeError, ValueError):
+            raise ConfigError(f"data.mix.{name}", f"must be a number, got {weight!r}") from None
+        if not math.isfinite(w) or w < 0:
+            raise ConfigError(f"data.mix.{name}", f"must be a finite weight >= 0, got {weight!r}")
+        out[str(name)] = w
+    if sum(out.values()) <= 0:
+        raise ConfigError("data.mix", "weights sum to 0: give at least one domain a positive weight")
+    return out

@@ -14,6 +14,14 @@ Two modes:
   skipped chunks, then packs at most one chunk. The DataLoader interleaves its workers round-robin; after
   skipping ``k`` batches, physical worker ``i`` plays logical worker ``(i + k) % W`` so the loader resumes
   exactly at global batch ``k``.
+
+With a domain **mixture** (``mix``: domain -> weight), a chunk's shards are drawn per domain instead: the
+domain furthest behind its weight (least ``taken_d / w_d`` so far in this stream) draws a shard with probability
+proportional to the shard's tokens of that domain, and takes from it every domain that is behind the level it
+reaches; only those domains' documents of the shard enter the chunk. Every count comes from the manifest (the
+tokens of each domain in each shard), so batches per chunk, and the exact fast-forward, stay known without
+reading; the running totals carry from chunk to chunk, so each domain's share of the stream stays within one
+shard's tokens of its weight (relative error shrinking as the stream grows).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from emo_lightning.data.packing import Batch, Packer
-from emo_lightning.data.shards import read_shard
+from emo_lightning.data.shard_reader import read_shard
 
 TensorBatch = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -39,6 +47,8 @@ log = logging.getLogger(__name__)
 _READ_ERRORS = (OSError, EOFError, ValueError, SyntaxError, zlib.error, tarfile.TarError)
 #: Optional batch keys (0-d ``torch.long``) counting stream faults since the worker's previous batch.
 SKIP_KEYS = ("skipped_shards", "skipped_docs")
+#: A training chunk's shard: (shard index, domain ids whose documents it contributes; None: all of them).
+Pick = tuple[int, frozenset[int] | None]
 
 
 class ShardFailureError(RuntimeError):
@@ -71,6 +81,9 @@ class PackedShardDataset(IterableDataset):
         max_bad_shard_fraction: a shard that fails to read (truncated, corrupt, fewer tokens than the manifest
             says) is skipped with a warning and counted (``skipped_shards``); when more than this fraction of
             all shards has failed in one worker, :class:`ShardFailureError` stops the stream.
+        mix: training: domain name -> weight (>= 0, normalised); documents are sampled by domain weight (see
+            the module docstring). Needs ``shard_domain_tokens``. ``None``: the corpus's own mix.
+        shard_domain_tokens: tokens of each domain (name -> tokens) in each shard, from the manifest.
 
     Robustness: in training, a chunk short of batches because of a failed shard is completed from
     replacement shards drawn with a generator seeded by ``(seed, rank, worker, chunk, 2)``, so every chunk
@@ -97,6 +110,8 @@ class PackedShardDataset(IterableDataset):
         chunk_batches: int = 32,
         vocab_size: int | None = None,
         max_bad_shard_fraction: float = 0.1,
+        mix: Mapping[str, float] | None = None,
+        shard_domain_tokens: Sequence[Mapping[str, int]] | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
@@ -119,9 +134,33 @@ class PackedShardDataset(IterableDataset):
         if not 0.0 <= max_bad_shard_fraction <= 1.0:
             raise ValueError(f"max_bad_shard_fraction must be in [0, 1], got {max_bad_shard_fraction}")
         self.vocab_size, self.max_bad_shard_fraction = vocab_size, max_bad_shard_fraction
+        self.mix_weights, self.domain_tokens = self._mixture(mix, shard_domain_tokens)
         self.bad_shards: dict[str, str] = {}  # url -> reason (this process / worker)
         self._skips = dict.fromkeys(SKIP_KEYS, 0)  # since the previous batch
         self._unknown_domains: set[str] = set()
+
+    def _mixture(
+        self, mix: Mapping[str, float] | None, shard_domain_tokens: Sequence[Mapping[str, int]] | None
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(weight per domain id ``(D,)`` summing to 1, integer tokens per shard and domain id ``(N, D)``)."""
+        if mix is None:
+            return None, None
+        if shard_domain_tokens is None or len(shard_domain_tokens) != len(self.urls):
+            raise ValueError("a mixture needs the tokens of each domain in each shard (from the manifest)")
+        n_domains = max(self.domains.values(), default=-1) + 1
+        weights = np.zeros(n_domains)
+        for name, w in mix.items():
+            if name not in self.domains or not (w >= 0 and np.isfinite(w)):
+                raise ValueError(f"mix: bad domain or weight {name!r}: {w!r}")
+            weights[self.domains[name]] = w
+        tokens = np.zeros((len(self.urls), n_domains), dtype=np.int64)
+        for i, counts in enumerate(shard_domain_tokens):
+            for name, n in counts.items():
+                if name in self.domains:
+                    tokens[i, self.domains[name]] += n
+        if weights.sum() <= 0 or (tokens.sum(0)[weights > 0] == 0).any():
+            raise ValueError("mix: every weighted domain needs tokens, and some weight must be positive")
+        return weights / weights.sum(), tokens
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[TensorBatch]:
@@ -244,25 +283,52 @@ class PackedShardDataset(IterableDataset):
                     break
         return picks, total // n
 
+    def mixture_plans(self, worker: int) -> Iterator[tuple[list[Pick], int]]:
+        """Chunks 0, 1, ... of a mixture stream: shards drawn per domain, by the deficit rule (module docs)."""
+        assert self.mix_weights is not None and self.domain_tokens is not None
+        w, tokens = self.mix_weights, self.domain_tokens  # (D,), (N, D)
+        active = np.flatnonzero(w > 0)  # (A,)
+        cumulative = {int(d): np.cumsum(tokens[:, d]) for d in active}  # integer CDFs: exact, no empty pick
+        taken = np.zeros(len(w))  # (D,) tokens taken so far by this stream
+        target = self.chunk_batches * self.batch_size * self.seq_len
+        for chunk in itertools.count():
+            rng = np.random.default_rng([self.seed, self.rank, worker, chunk])
+            picks: list[Pick] = []
+            total = 0
+            while total < target:
+                level = taken[active] / w[active]
+                d = int(active[np.argmin(level)])
+                cdf = cumulative[d]
+                shard = int(np.searchsorted(cdf, rng.integers(cdf[-1]), side="right"))
+                reach = (taken[d] + tokens[shard, d]) / w[d]
+                take = active[(level < reach) & (tokens[shard, active] > 0)]  # d itself, and those behind
+                taken[take] += tokens[shard, take]
+                total += int(tokens[shard, take].sum())
+                picks.append((shard, frozenset(take.tolist())))
+            yield picks, total // (self.batch_size * self.seq_len)
+
+    def chunk_plans(self, worker: int) -> Iterator[tuple[list[Pick], int]]:
+        """``(picks, batches)`` of chunks 0, 1, ...: a pick is (shard index, domain ids kept or None for all)."""
+        if self.mix_weights is not None:
+            yield from self.mixture_plans(worker)
+            return
+        for chunk in itertools.count():
+            picks, n_batches = self.chunk_plan(worker, chunk)
+            yield [(i, None) for i in picks], n_batches
+
     def train_batches(self, worker: int, workers: int) -> Iterator[Batch]:
         """Logical worker ``worker``'s infinite stream, past the first ``skip_batches`` loader batches."""
         skip = max(0, -(-(self.skip_batches - worker) // workers))  # its share of the consumed batches
-        chunk = 0
-        while True:
-            picks, n_batches = self.chunk_plan(worker, chunk)
-            if skip < n_batches:
-                break
-            skip -= n_batches
-            chunk += 1
-        while True:
-            picks, n_batches = self.chunk_plan(worker, chunk)
+        for chunk, (picks, n_batches) in enumerate(self.chunk_plans(worker)):
+            if skip >= n_batches:  # fast-forward: the plan alone says how many batches a chunk yields
+                skip -= n_batches
+                continue
             for j, batch in enumerate(self._chunk(worker, chunk, picks, n_batches)):
                 if j >= skip:
                     yield batch
             skip = 0
-            chunk += 1
 
-    def _chunk(self, worker: int, chunk: int, picks: list[int], n_batches: int) -> Iterator[Batch]:
+    def _chunk(self, worker: int, chunk: int, picks: list[Pick], n_batches: int) -> Iterator[Batch]:
         packer = Packer(self.batch_size, self.seq_len, self.pad_id)
         emitted = 0
         docs = itertools.chain(
@@ -291,20 +357,26 @@ class PackedShardDataset(IterableDataset):
             return
         tokens = np.asarray(self.shard_tokens, dtype=np.float64)
         rng = np.random.default_rng([self.seed, self.rank, worker, chunk, 2])
+        keep = None if self.mix_weights is None else set(np.flatnonzero(self.mix_weights > 0).tolist())
         for _ in range(100 * len(self.urls)):
             i = int(rng.choice(len(tokens), p=tokens / tokens.sum()))
-            yield from self._docs(self.urls[i], self.shard_tokens[i])
+            for doc in self._docs(self.urls[i], self.shard_tokens[i]):
+                if keep is None or doc[1] in keep:
+                    yield doc
 
-    def _shuffled_docs(self, worker: int, chunk: int, picks: list[int]) -> Iterator[tuple[np.ndarray, int]]:
-        """The chunk's documents through a shuffle buffer seeded by (seed, rank, worker, chunk)."""
+    def _shuffled_docs(self, worker: int, chunk: int, picks: list[Pick]) -> Iterator[tuple[np.ndarray, int]]:
+        """The chunk's documents (of the kept domains) through a shuffle buffer seeded by (seed, rank, worker,
+        chunk)."""
         seed = np.random.SeedSequence([self.seed, self.rank, worker, chunk, 1]).generate_state(1)[0]
         rng = random.Random(int(seed))
         size = self.shuffle_buffer
         buffer: list[tuple[np.ndarray, int]] = []
-        for i in picks:
+        for i, keep in picks:
             for doc in self._docs(
                 self.urls[i], self.shard_tokens[i] if self.shard_tokens is not None else None
             ):
+                if keep is not None and doc[1] not in keep:
+                    continue
                 if size <= 1:
                     yield doc
                 elif len(buffer) < size:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data_tools.jsonl import Record, SkipLog, iter_records
+from data_tools.jsonl import iter_records
+from data_tools.records import Record, SkipLog
 from data_tools.tokenizer import load_tokenizer, special_ids
 from emo_lightning.data.packing import Packer
 from emo_lightning.errors import UserError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.shards import build_shards
+from data_tools.build import build_shards
 from data_tools.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]

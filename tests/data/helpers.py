@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 
@@ -48,3 +52,20 @@ def split_docs(batches: Iterable[Mapping]) -> list[tuple[int, ...]]:
     assert not cont[-1] if len(cont) else True
     ends = np.flatnonzero(~cont) + 1
     return [tuple(d.tolist()) for d in np.split(flat_ids, ends[:-1])] if len(ends) else []
+
+
+def shard_documents(folder: str | Path) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(id, domain, tokens)`` of every document of a shard folder, in manifest and shard order."""
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    out = []
+    for shard in manifest["shards"]:
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(folder / shard["name"]) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(m).read()  # type: ignore[union-attr]
+        for parts in members.values():
+            tokens = np.load(io.BytesIO(parts["tokens.npy"]))
+            out.append((parts["id.txt"].decode(), parts["domain.txt"].decode(), tuple(tokens.tolist())))
+    return out

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from data_tools.build import build_shards
 from data_tools.cli import main
-from data_tools.jsonl import InputError
 from data_tools.manifest import Manifest
-from data_tools.shards import build_shards
+from data_tools.records import InputError
 
 GOOD = b'{"id": "a", "domain": "math", "text": "One plus one is two."}\n'
 GOOD2 = b'{"id": "b", "domain": "code", "text": "def f():\\n    return 2"}\n'
@@ -78,13 +78,13 @@ def test_missing_domain_and_id(tokenizer_path: Path, tmp_path: Path) -> None:
 
 
 def test_cli_error_from_worker(tokenizer_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """With 2 worker processes the error still surfaces as one line naming file and line (exit status 2)."""
+    """With 2 tasks in 2 worker processes the error still surfaces as one line naming file and line (exit 2)."""
     good = tmp_path / "good.jsonl"
     good.write_bytes(GOOD * 3)
     bad = write(tmp_path / "bad.jsonl", BAD["missing_text"])
     argv = [
         "build-shards", "--input", str(good), str(bad), "--tokenizer", str(tokenizer_path),
-        "--out", str(tmp_path / "out"), "--workers", "2", "--quiet",
+        "--out", str(tmp_path / "out"), "--tasks", "2", "--workers", "2", "--quiet",
     ]  # fmt: skip
     with pytest.raises(SystemExit) as exit_:
         main(argv)

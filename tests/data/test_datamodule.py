@@ -215,7 +215,7 @@ def test_lightning_checkpoint_resume(shards: Path, tmp_path: Path) -> None:
 @pytest.mark.shared_corpus
 def test_shared_corpus_all_domains(shared_corpus: Path, tokenizer_path: Path, tmp_path: Path) -> None:
     """The eight-domain research corpus (read from ../shared, never committed): per-domain conservation."""
-    from data_tools.shards import build_shards
+    from data_tools.build import build_shards
 
     val = shared_corpus / "tiny" / "val.jsonl"
     m = build_shards([val], tokenizer_path, tmp_path / "shards", shard_size=2048, quiet=True).manifest

@@ -14,6 +14,7 @@ from .conftest import REPO
     ("module", "forbidden"),
     [
         ("data_tools.cli", ("torch", "emo_lightning", "webdataset")),
+        ("data_tools.build", ("torch", "emo_lightning", "webdataset", "lightning")),
         ("emo_lightning.data", ("emo_lightning.model",)),
     ],
 )

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_tools.jsonl import InputError
+from data_tools.records import InputError
 from emo_lightning.errors import UserError
 from emo_lightning.experts.documents import (
     Document,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from emo_lightning.data.dataset import PackedShardDataset, ShardFailureError
-from emo_lightning.data.shards import read_shard
+from emo_lightning.data.shard_reader import read_shard
 
 CONTRACT = {"input_ids", "labels", "doc_ids", "domain_ids"}
 

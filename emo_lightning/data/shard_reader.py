@@ -1,4 +1,7 @@
-"""Locating and reading shards: shard specs, manifests (local or any WebDataset URL), tar streaming."""
+"""Locating and reading tokenised shards: shard specs, manifests (local or any WebDataset URL), tar streaming.
+
+The writer is ``data_tools.shards``; the on-disk format is defined once, in ``data_tools.manifest``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import braceexpand
 import numpy as np
 from webdataset.gopen import gopen
 
-from data_tools.manifest import DOMAIN_EXT, MANIFEST_NAME, TOKENS_EXT, Manifest
+from data_tools.manifest import DOMAIN_EXT, MANIFEST_NAME, TOKENS_EXT, Manifest, ShardInfo
 from emo_lightning.errors import UserError
 
 URL_SEPARATOR = "::"
@@ -68,9 +71,9 @@ def load_manifest(location: str) -> Manifest:
         return Manifest.from_json(f.read().decode("utf-8"), location)
 
 
-def shard_tokens(urls: list[str], manifest: Manifest) -> list[int] | None:
-    """Token count of each URL, matched to the manifest by shard file name; ``None`` if one is unknown."""
-    by_name = manifest.shard_tokens()
+def shard_infos(urls: list[str], manifest: Manifest) -> list[ShardInfo] | None:
+    """The manifest's entry of each URL, matched by shard file name; ``None`` if one is unknown."""
+    by_name = {s.name: s for s in manifest.shards}
     out = []
     for url in urls:
         tail = url.rsplit("/", 1)[-1]
@@ -81,6 +84,12 @@ def shard_tokens(urls: list[str], manifest: Manifest) -> list[int] | None:
             return None
         out.append(by_name[name])
     return out
+
+
+def shard_tokens(urls: list[str], manifest: Manifest) -> list[int] | None:
+    """Token count of each URL, matched to the manifest by shard file name; ``None`` if one is unknown."""
+    infos = shard_infos(urls, manifest)
+    return None if infos is None else [s.tokens for s in infos]
 
 
 def decode_tokens(data: bytes, where: str) -> np.ndarray:
