@@ -34,8 +34,20 @@ def _texts(inputs: Sequence[str], fields: Fields, on_error: OnError, skips: Skip
 
 def cmd_build_tokenizer(args: argparse.Namespace) -> None:
     skips = SkipLog()
-    texts = _texts(args.input, _fields(args), args.on_error, skips)
-    tokenizer = train_bpe(texts, args.vocab_size, args.min_frequency)
+    read = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal read
+        for text in _texts(args.input, _fields(args), args.on_error, skips):
+            read += 1
+            yield text
+
+    tokenizer = train_bpe(texts(), args.vocab_size, args.min_frequency)
+    if not read:  # a tokenizer of the 256 bytes alone, learned from nothing
+        raise UserError(
+            f"--input: no usable document in {len(args.input)} input(s) ({skips.total} records skipped)",
+            "pass JSON Lines or parquet files with text",
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(args.out))
     print(f"wrote {args.out} (vocab {tokenizer.get_vocab_size()}, skipped {skips.total} records)")
@@ -74,7 +86,14 @@ def cmd_build_shards(args: argparse.Namespace) -> None:
         tmp_dir=args.tmp_dir,
         quiet=args.quiet,
     )
-    print(describe(run_build(config, options, overwrite=args.overwrite), args.out))
+    result = run_build(config, options, overwrite=args.overwrite)
+    if not result.manifest.totals["docs"]:  # shards of nothing: training would have no token to learn from
+        raise UserError(
+            f"--input: no usable document in the input ({result.manifest.skipped['total']} records skipped); "
+            f"{args.out} holds an empty manifest",
+            "pass JSON Lines or parquet files with text (the skipped records are listed in the manifest)",
+        )
+    print(describe(result, args.out))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:

@@ -298,3 +298,15 @@ def test_init_from_a_pruned_checkpoint_fine_tunes_the_pruned_model(tmp_path: Pat
     assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in pruned.values())
     assert cli.trainer.global_step == 12  # a fresh run: counted from 0, not from the source's step 4
     assert float(cli.trainer.callback_metrics["val/ce"]) < before
+
+
+def test_fit_on_a_shard_folder_without_documents_is_refused(tmp_path: Path, tiny_shards, capsys) -> None:
+    from data_tools.cli import main as emo_data
+
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit):  # refused too, and leaves a manifest of nothing behind
+        emo_data(["build-shards", "--input", str(tmp_path / "empty.jsonl"), "--tokenizer",
+                  str(ROOT / "data" / "tokenizer.json"), "--out", str(tmp_path / "shards")])  # fmt: skip
+    capsys.readouterr()
+    args = small_run_args(tmp_path, tiny_shards, "--data.train_shards", str(tmp_path / "shards"))
+    assert user_error(capsys, ["fit", *args]).startswith(f"emo: data.train_shards: no shards in '{tmp_path}")

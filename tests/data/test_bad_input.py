@@ -93,3 +93,26 @@ def test_cli_error_from_worker(tokenizer_path: Path, tmp_path: Path, capsys: pyt
     assert err.startswith(f"emo-data: {bad}:2: missing_text:") and err.count("\n") == 1
     main([*argv, "--on-error", "skip", "--overwrite"])
     assert Manifest.load(tmp_path / "out").skipped["counts"] == {"missing_text": 1}
+
+
+@pytest.mark.parametrize("content", [b"", b'{"id": "x", "text": "unterminated\n'], ids=["empty", "all_bad"])
+def test_no_usable_document_is_refused_in_one_line(
+    tmp_path: Path, content: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """build-shards and build-tokenizer from input without a usable document (an empty file; every record bad
+    and skipped): one line, exit 2, no tokenizer learned from nothing, no shards of nothing."""
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(content)
+    tok = Path(__file__).resolve().parents[2] / "data" / "tokenizer.json"
+    commands = {
+        "build-shards": ["build-shards", "--input", str(src), "--tokenizer", str(tok), "--out", str(tmp_path / "s")],
+        "build-tokenizer": ["build-tokenizer", "--input", str(src), "--vocab-size", "300", "--out",
+                            str(tmp_path / "tok.json")],
+    }  # fmt: skip
+    for name, argv in commands.items():
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--on-error", "skip"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+        assert exc.value.code == 2, (name, err)
+        assert err.startswith("emo-data: --input: no usable document"), (name, err)
+    assert not (tmp_path / "tok.json").exists()

@@ -316,3 +316,28 @@ def test_report_clustering_finds_routing_that_follows_the_domain(tmp_path: Path,
     assert clustering["purity"] == pytest.approx(majority / len(labels), rel=1e-9)
     assert sorted(c["size"] for c in clustering["clusters"]) == sorted(Counter(groups).values())
     assert clustering["nmi"] > 0.5 > report["models"]["standard"]["clustering"]["nmi"]
+
+
+def test_commands_refuse_input_without_documents(tmp_path: Path, jsonl: Path, capsys) -> None:
+    """select, eval, routes, report and explore on an input without a document, and a report whose domains are
+    too small to calibrate and evaluate: one line, exit 2 (no subset from zero tokens, no NaN table)."""
+    ckpt = str(write_checkpoint(tiny_model(), tmp_path / "m.ckpt"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    runs = {
+        "select": ["select", "--ckpt", ckpt, "--keep", "0.5", "--out", str(tmp_path / "s.json")],
+        "eval": ["eval", "--ckpt", ckpt],
+        "routes": ["routes", "--ckpt", ckpt, "--out", str(tmp_path / "r.jsonl")],
+        "report": ["report", "--emo", ckpt, "--baseline", ckpt, "--out", str(tmp_path / "rep"), "--shots", "1",
+                   "--calib-docs", "1"],
+        "explore": ["explore", "--emo", ckpt, "--out", str(tmp_path / "page.html")],
+    }  # fmt: skip
+    for name, argv in runs.items():
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--data", str(empty), "--tokenizer", str(TOKENIZER)])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and "no documents in the input" in err and "\n" not in err, (name, err)
+    with pytest.raises(SystemExit) as exc:  # 3 documents per domain cannot give 8 calibration + 1 evaluation
+        main([*runs["report"][:-4], "--shots", "8", "--data", str(jsonl), "--tokenizer", str(TOKENIZER)])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "too few documents in code (3), literature (3), math (3)" in err, err
