@@ -123,23 +123,26 @@ def _top_members_cpu(pref: Tensor, sizes: Tensor) -> Tensor:
     return member
 
 
-def running_preference(probs: Tensor, doc_ids: Tensor) -> Tensor:
+def running_preference(probs: Tensor, doc_ids: Tensor, workspace: Tensor | None = None) -> Tensor:
     """Token t's summed q over its segment's tokens 0..t, fp64. probs: (N,E'); doc_ids: (B,S) -> (N,E').
 
     fp64 running sums rank like the fp32 per-document sum; for a segment starting at a row's first token the
     value is exactly the sequential sum q_0 + ... + q_t (what incremental decoding accumulates), elsewhere the
-    row's running sum minus its value before the segment's first token.
+    row's running sum minus its value before the segment's first token. ``workspace``: (2,N,E') fp64 memory to
+    compute in, in place (the result is a view of it).
     """
     b, s = doc_ids.shape
     n, e = probs.shape
-    cum = probs.view(b, s, e).cumsum(1, dtype=torch.float64).view(n, e)  # (N,E') running sums of each row
+    if workspace is None:
+        workspace = probs.new_empty((2, n, e), dtype=torch.float64)
+    cum = workspace[0].copy_(probs).view(b, s, e).cumsum_(1).view(n, e)  # (N,E') running sums of each row
     first = torch.arange(s, device=probs.device) - segment_positions(doc_ids)  # (B,S) segment start
     start = (torch.arange(b, device=probs.device).unsqueeze(1) * s + first).reshape(n)  # (N,) flat index
     seg_c, g = _compact(start)  # the start token identifies the segment
     start_of = torch.zeros(g, dtype=torch.long, device=probs.device).scatter_(0, seg_c, start)  # (G,)
     q_start = probs.index_select(0, start_of).double()  # (G,E')
     before = cum.index_select(0, start_of) - q_start  # (G,E') sum before each segment's start
-    return cum.sub_(before.index_select(0, seg_c))
+    return cum.sub_(torch.index_select(before, 0, seg_c, out=workspace[1]))
 
 
 def running_pools(pref: Tensor, seg: Tensor, pool_sizes: Tensor, max_pool: int) -> Tensor:
@@ -177,6 +180,7 @@ class Router(nn.Module):
             self.expert_bias: Tensor | None = None
         self.generator = torch.Generator(device="cpu")
         self.reseed(cfg.seed)
+        self._running_workspace: Tensor | None = None  # see _workspace
 
     @torch.no_grad()
     def update_bias(self, counts: Tensor) -> None:
@@ -193,6 +197,17 @@ class Router(nn.Module):
     def reseed(self, seed: int) -> None:
         """Reset the pool-size generator to ``(seed, layer_idx)``."""
         self.generator.manual_seed(derive_seed(seed, self.layer_idx, _POOL_STREAM))
+
+    def _workspace(self, n: int, device: torch.device) -> Tensor | None:
+        """(2,N,E') fp64 memory for the running preference, kept across forwards on the CPU (the C allocator
+        hands large blocks back to the system: faulting a fresh 8 MB in per layer and forward cost as much as the
+        running sum itself). CUDA's caching allocator needs none."""
+        if device.type != "cpu":
+            return None
+        shape = (2, n, self.num_routed)
+        if self._running_workspace is None or self._running_workspace.shape != shape:
+            self._running_workspace = torch.empty(shape, dtype=torch.float64)
+        return self._running_workspace
 
     def _pool_sizes(self, n: int, device: torch.device) -> tuple[Tensor | None, int]:
         """Pool size per flat segment id (n,) and its host-side maximum; None = no restriction anywhere."""
@@ -234,7 +249,7 @@ class Router(nn.Module):
             if cache is not None and cache.pref is not None:  # decode step: one token per row
                 pref = cache.pref + q.double()  # (B,E') the same addition as the prefix cumsum
             else:
-                pref = running_preference(q, doc_ids)  # (N,E')
+                pref = running_preference(q, doc_ids, self._workspace(n, h.device))  # (N,E')
             if cache is not None:  # keep each row's document preference (its first segment's last token)
                 first_seg = (doc_ids == doc_ids[:, :1]).long().cumprod(1)  # (B,S) 1 on the first segment
                 last = first_seg.sum(1) - 1  # (B,) its last token (0 in a decode step)
