@@ -37,8 +37,14 @@ def debug_requested(argv: Sequence[str]) -> tuple[bool, list[str]]:
     return env or len(rest) < len(argv), rest
 
 
-def run_cli(prog: str, main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> None:
-    """Run ``main(argv)``; a :class:`UserError` becomes one line on stderr and exit status 2."""
+def run_cli(
+    prog: str,
+    main: Callable[[list[str]], object],
+    argv: Sequence[str] | None = None,
+    faults: tuple[type[BaseException], ...] = (),
+) -> None:
+    """Run ``main(argv)``; a :class:`UserError` becomes one line on stderr and exit status 2, an operational fault
+    (``faults``: e.g. a disk that filled up while writing) one line naming its type and exit status 1."""
     debug, args = debug_requested(sys.argv[1:] if argv is None else list(argv))
     try:
         main(args)
@@ -47,6 +53,11 @@ def run_cli(prog: str, main: Callable[[list[str]], object], argv: Sequence[str] 
             raise
         print(f"{prog}: {err}", file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT) from None
+    except faults as err:
+        if debug:
+            raise
+        print(f"{prog}: {type(err).__name__}: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -244,14 +244,6 @@ class EMOCLI(LightningCLI):
             if folder is not None:
                 preflight_checkpoint_dir(folder)
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        try:
-            super()._run_subcommand(subcommand)
-        except _FAULTS as err:
-            # Operational faults with a message that says it all (README "Operations"): no traceback.
-            print(f"emo: {type(err).__name__}: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
-
 
 def check_ckpt_path(ckpt_path: str | None) -> None:
     """A ``--ckpt_path`` that is not one of Lightning's keywords must be a readable, complete checkpoint."""
@@ -300,7 +292,7 @@ def main(args: list[str] | None = None) -> None:
         else:
             build_cli(argv)
 
-    run_cli("emo", run, args)
+    run_cli("emo", run, args, faults=_FAULTS)  # operational faults (README "Operations"): one line, exit 1
 
 
 if __name__ == "__main__":

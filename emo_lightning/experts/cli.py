@@ -15,6 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from emo_lightning.checkpoint import (
+    CheckpointWriteError,
     LoadedModel,
     atomic_write_text,
     check_out_folder,
@@ -441,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
         parsed = build_parser().parse_args(args)
         COMMANDS[parsed.command](parsed)
 
-    run_cli("emo-experts", run, argv)
+    run_cli("emo-experts", run, argv, faults=(CheckpointWriteError,))
 
 
 if __name__ == "__main__":

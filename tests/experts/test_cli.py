@@ -341,3 +341,16 @@ def test_commands_refuse_input_without_documents(tmp_path: Path, jsonl: Path, ca
         main([*runs["report"][:-4], "--shots", "8", "--data", str(jsonl), "--tokenizer", str(TOKENIZER)])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and "too few documents in code (3), literature (3), math (3)" in err, err
+
+
+def test_a_write_that_fails_is_one_line(tmp_path: Path, jsonl: Path, capsys) -> None:
+    """An output that cannot be written (here its folder is a file) ends with one line naming the fault, exit 1,
+    and leaves nothing behind."""
+    ckpt = str(write_checkpoint(tiny_model(), tmp_path / "m.ckpt"))
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as exc:
+        main(["select", "--ckpt", ckpt, "--data", str(jsonl), "--keep", "0.5", "--tokenizer", str(TOKENIZER),
+              "--no-progress", "--out", str(tmp_path / "taken" / "subset.json")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and err.startswith("emo-experts: CheckpointWriteError: cannot write "), err
+    assert "\n" not in err and (tmp_path / "taken").read_text() == "a file, not a folder"
