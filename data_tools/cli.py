@@ -56,7 +56,13 @@ def cmd_build_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_build_shards(args: argparse.Namespace) -> None:
-    from data_tools.build import ExecutorOptions, describe, plan_build, run_build  # datatrove: only here
+    from data_tools.build import (
+        BuildResult,
+        ExecutorOptions,
+        describe,
+        plan_build,
+        run_build,
+    )  # datatrove: only here
 
     if args.executor != "slurm":
         given = [f"--{k.replace('_', '-')}" for k in SLURM_ONLY if getattr(args, k) is not None]
@@ -87,7 +93,9 @@ def cmd_build_shards(args: argparse.Namespace) -> None:
         quiet=args.quiet,
     )
     result = run_build(config, options, overwrite=args.overwrite)
-    if not result.manifest.totals["docs"]:  # shards of nothing: training would have no token to learn from
+    if (
+        isinstance(result, BuildResult) and not result.manifest.totals["docs"]
+    ):  # shards of nothing (Slurm: later)
         raise UserError(
             f"--input: no usable document in the input ({result.manifest.skipped['total']} records skipped); "
             f"{args.out} holds an empty manifest",

@@ -33,6 +33,13 @@ class TokenizeTask(PipelineStep):
         super().__init__()
         self.config = config
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled in a local worker process (started by a fork server, with a fresh datatrove): its console
+        log stays off there too, as in the process that runs the build (``run``)."""
+        self.__dict__.update(state)
+        if self.config.executor == "local":
+            logger.disable("datatrove")
+
     def run(self, data: Any = None, rank: int = 0, world_size: int = 1):
         if world_size != self.config.tasks:
             raise RuntimeError(f"the plan has {self.config.tasks} tasks, the executor runs {world_size}")
@@ -67,13 +74,14 @@ def make_executors(
     tokenize, manifest = [TokenizeTask(config)], [WriteManifest(config)]
     logs, manifest_logs = out.build_url("tokenize"), out.build_url("manifest")
     if options.kind == "local":
-        # fork: workers inherit this process's state (the silenced datatrove console log)
+        # forkserver, not fork: a fork of a process whose threads hold locks (tokenizers', OpenMP's, a test
+        # runner's) can deadlock its workers (seen once in a full test run); they keep quiet (TokenizeTask)
         first = LocalPipelineExecutor(
             tokenize,
             tasks=config.tasks,
             workers=min(options.workers, config.tasks),
             logging_dir=logs,
-            start_method="fork",
+            start_method="forkserver",
         )
         second = LocalPipelineExecutor(manifest, tasks=1, workers=1, logging_dir=manifest_logs, depends=first)
         return first, second
