@@ -260,9 +260,10 @@ def test_user_errors_are_one_line(
 
 
 def test_out_is_written_atomically(
-    built: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    built: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A page that cannot be renamed into place leaves the previous page whole and no temporary file."""
+    """A page that cannot be renamed into place leaves the previous page whole and no temporary file; the fault is
+    one line (exit 1)."""
     page = tmp_path / "page.html"
     page.write_text("old")
 
@@ -271,8 +272,14 @@ def test_out_is_written_atomically(
 
     monkeypatch.setattr(os, "replace", broken_replace)
     argv = ["explore", "--emo", str(built["emo"]), "--data", str(built["docs"]), "--out", str(page)]
-    with pytest.raises(CheckpointWriteError, match="disk full"):
+    with pytest.raises(SystemExit) as exc:
         main([*argv, "--clusters", "2", "--keep", KEEP, "--tokenizer", str(TOKENIZER), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        exc.value.code == 1
+        and err.startswith(f"emo-experts: {CheckpointWriteError.__name__}: ")
+        and "disk full" in err
+    )
     assert page.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["page.html"]
 
 
