@@ -25,8 +25,9 @@ from emo_lightning.training import TrainStep
 from tests.experts.conftest import TOKENIZER, tiny_config, tiny_model, write_checkpoint
 
 TRAIN_STEPS = 300
-# trained models (logits spread over ~+-10): the largest logit difference allowed, fp32 and bf16 (both sides bf16)
-FP32_ATOL, BF16_ATOL = 5e-5, 0.25
+# trained models (logits spread over ~+-10): the largest logit difference allowed in fp32; in bf16 (both sides) the
+# mean one, and how much farther from our fp32 logits the exported model may be than our own bf16 model
+FP32_ATOL, BF16_MEAN_ATOL, BF16_VS_OURS = 5e-5, 0.03, 1.25
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +58,17 @@ def trained(tiny_shards: dict[str, Path]) -> dict[str, EMOTransformer]:
     batches = [
         {k: v for k, v in next(it).items() if k in ("input_ids", "labels", "doc_ids")} for _ in range(40)
     ]
-    models = {}
-    for name in ("shared1", "qk_norm_gqa"):
-        model = _model(name).train()
-        step, data = TrainStep(model, OptimConfig(lr=1e-2, warmup_steps=10)), cycle(batches)
-        for _ in range(TRAIN_STEPS):
-            step.step(next(data))
-        models[name] = model.eval()
+    models, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # the same trained models whatever the runner's thread count
+    try:
+        for name in ("shared1", "qk_norm_gqa"):
+            model = _model(name).train()
+            step, data = TrainStep(model, OptimConfig(lr=1e-2, warmup_steps=10)), cycle(batches)
+            for _ in range(TRAIN_STEPS):
+                step.step(next(data))
+            models[name] = model.eval()
+    finally:
+        torch.set_num_threads(threads)
     return models
 
 
@@ -151,8 +156,10 @@ def test_a_trained_model_exports_within_tolerance_in_fp32_bf16_and_cut_to_a_subs
     transformers: ModuleType,
 ) -> None:
     """300 training steps spread the logits (std > 1, unlike the init's ~0.1): the exported model gives our logits
-    within 5e-5 in fp32 and within 0.25 with both sides in bf16; the export of a subset (``--subset``: the pruned
-    model) gives the pruned model's logits within 5e-5 (measured: 5e-6 to 7e-6 in fp32, 0.06 to 0.19 in bf16)."""
+    within 5e-5 in fp32 (measured 5e-6 to 7e-6); in bf16 (both sides) the mean difference stays under 0.03
+    (measured 0.007 to 0.016) and the exported model is no farther from our fp32 logits than our own bf16 model,
+    within 25% (measured 0.95x to 1.1x); the export of a subset (``--subset``: the pruned model) gives the pruned
+    model's logits within 5e-5."""
     model = trained[variant]
     docs = _documents(jsonl)
     with model.routing(FULL), torch.no_grad():
@@ -166,12 +173,14 @@ def test_a_trained_model_exports_within_tolerance_in_fp32_bf16_and_cut_to_a_subs
         hf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).eval()
         ours16 = model.to(torch.bfloat16)
         try:
-            worst16 = max(
-                float((hf16(ids).logits.float() - ours16(ids).logits.float()).abs().max()) for ids in docs
-            )
+            theirs = torch.cat([hf16(ids).logits.float().flatten() for ids in docs])
+            mine = torch.cat([ours16(ids).logits.float().flatten() for ids in docs])
         finally:
             model.float()
-        assert worst16 < BF16_ATOL, worst16
+        ref = torch.cat([o.flatten() for o in ours])
+        # bf16 rounds logits of ~10 by up to ~0.6 (either implementation): compare means, not the largest
+        assert (theirs - mine).abs().mean() < BF16_MEAN_ATOL
+        assert (theirs - ref).abs().mean() < BF16_VS_OURS * (mine - ref).abs().mean()
         kept = [[0, 2, 3, 5], [1, 2, 4, 6], [0, 1, 6, 7]][: len(model.blocks)]
         kept = [[e for e in layer if e < model.cfg.router.num_routed] for layer in kept]
         n = min(len(layer) for layer in kept)
