@@ -1,4 +1,4 @@
-"""``emo-experts``: routes, expert selection, pruning, evaluation and the modularity report.
+"""``emo-experts``: routes, expert selection, pruning, merging back, evaluation (loss, downstream tasks), the report.
 
 Mistakes (a missing checkpoint, a subset of another model, a tokenizer that does not fit...) end with one line
 ``emo-experts: ...`` and exit status 2 (``--debug`` or ``EMO_DEBUG=1`` shows the traceback).
@@ -31,6 +31,7 @@ from emo_lightning.experts.documents import (
     pack_documents,
 )
 from emo_lightning.experts.evaluate import document_losses, domain_table, format_table
+from emo_lightning.experts.merge import DENSE, ROUTER, merge_checkpoints
 from emo_lightning.experts.routes import iter_routes, write_routes
 from emo_lightning.experts.selection import (
     BUDGETS,
@@ -126,6 +127,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", required=True, help="subset.json from `emo-experts select`")
     p.add_argument(
         "--out", required=True, help="output checkpoint (loadable by `emo validate` and `emo-experts eval`)"
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser(
+        "merge", help="write a (fine-tuned) part's experts back into the full model at their original ids"
+    )
+    p.add_argument("--full", required=True, help="the full checkpoint the part was pruned from")
+    p.add_argument("--part", required=True, help="the part: pruned, usually fine-tuned (emo fit --init_from)")
+    p.add_argument("--out", required=True, help="output checkpoint, the full model's size")
+    p.add_argument(
+        "--subset",
+        default=None,
+        help="the part's subset.json (default: recorded in the part or its init_from)",
+    )
+    p.add_argument(
+        "--dense",
+        choices=DENSE,
+        default="full",
+        help="embeddings, attention, norms, LM head, shared experts: the full model's (default: only the part's "
+        "experts change), the part's, or their average",
+    )
+    p.add_argument(
+        "--router",
+        choices=ROUTER,
+        default="full",
+        help="router rows of the merged experts: the full model's (default) or the part's",
     )
     p.add_argument("--no-progress", action="store_true")
 
@@ -312,6 +339,23 @@ def cmd_prune(args: argparse.Namespace) -> None:
     print(f"  file            {_size(src_size):>12} -> {_size(size):>12} (source includes optimizer state)")
 
 
+def cmd_merge(args: argparse.Namespace) -> None:
+    with tqdm(total=2, desc="merge", disable=args.no_progress) as bar:
+        subset = Subset.from_dict(_read_json(args.subset), args.subset) if args.subset else None
+        model, hparams, source, meta = merge_checkpoints(
+            args.full, args.part, subset, args.dense, args.router
+        )
+        bar.update()
+        size = save_checkpoint(model, hparams, args.out, source, emo_merged=meta)
+        bar.update()
+    counts = [len(layer) for layer in meta["layers"]]
+    print(
+        f"merged {sum(counts)} experts ({'/'.join(map(str, counts))} per layer of "
+        f"{model.cfg.router.num_routed}) of {args.part} into {args.full} -> {args.out} ({_size(size)})"
+    )
+    print(f"  dense weights: {args.dense}; router rows: {args.router}")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from emo_lightning.experts.export import export_hf, hf_architecture
 
@@ -439,6 +483,7 @@ COMMANDS = {
     "compose": cmd_compose,
     "export": cmd_export,
     "prune": cmd_prune,
+    "merge": cmd_merge,
     "eval": cmd_eval,
     "report": cmd_report,
 }

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -227,6 +226,22 @@ def _shares(scores: Tensor) -> Tensor:
     return torch.where(sums > 0, scores / sums.clamp(min=1e-300), 1.0 / scores.shape[1])
 
 
+def direction_change(h: Tensor, y: Tensor, eps: float = 1e-12) -> Tensor:
+    """1 - cos(h, h + y) over the last dimension, (...,d) -> (...), without float32 cancellation.
+
+    Written out rather than ``1 - F.cosine_similarity``: a layer's output is often a thousandth of its input (at
+    initialisation, or in deep layers), where cos is within float32's rounding of 1 and the difference is noise.
+    Here 1 - cos = sin^2 / (1 + cos) with sin from the part of y orthogonal to h (exact for cos > 0; 1 - cos
+    itself elsewhere, where nothing cancels).
+    """
+    b = h + y
+    hh, bn = (h * h).sum(-1), b.norm(dim=-1)  # (...)
+    cos = (h * b).sum(-1) / (hh.sqrt() * bn).clamp(min=eps)
+    perp = y - ((y * h).sum(-1) / hh.clamp(min=eps)).unsqueeze(-1) * h  # (...,d) y minus its part along h
+    sin2 = ((perp * perp).sum(-1) / (bn * bn).clamp(min=eps)).clamp(max=1.0)
+    return torch.where(cos > 0, sin2 / (1 + cos), 1 - cos)
+
+
 def easy_ep_scores(routing: LayerRouting, valid: Tensor) -> Tensor:
     """Easy-EP importance of one layer's routable experts in one forward (see the module docstring).
 
@@ -234,7 +249,7 @@ def easy_ep_scores(routing: LayerRouting, valid: Tensor) -> Tensor:
     (B,S) bool, False on padding. -> (E',) float64 summed over the valid tokens.
     """
     h, y = routing.moe_input.float(), routing.moe_output.float()  # (B,S,d)
-    s_t = (1.0 - F.cosine_similarity(h, h + y, dim=-1)).clamp(min=0.0) * valid  # (B,S) token weight
+    s_t = direction_change(h, y) * valid  # (B,S) token weight
     k = routing.expert_norms.shape[-1]  # k' routed choices (shared experts follow them in `experts`)
     contrib = routing.weights[..., :k] * routing.expert_norms * s_t.unsqueeze(-1)  # (B,S,k') g ||E(h)|| s
     out = torch.zeros(routing.counts.numel(), dtype=torch.float64, device=contrib.device)  # (E',)
