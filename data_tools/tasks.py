@@ -174,9 +174,10 @@ def make_task(inputs: Sequence[str | Path], out: str | Path, spec: TaskSpec, ove
             tasks[domain] = items
     if not tasks:
         need = spec.context_words + spec.passage_words
+        usable = sum(c["usable"] for c in counts.values())
         raise UserError(
-            f"--input: no domain has {spec.choices} documents of at least {need} words ({len(files)} files, "
-            f"{sum(len(v) for v in by_domain.values())} documents)",
+            f"--input: no item: a domain needs {spec.choices} documents of at least {need} words with different "
+            f"passages ({len(files)} files, {sum(len(v) for v in by_domain.values())} documents, {usable} usable)",
             f"{_INPUT_FIX}, or lower --context-words / --passage-words / --choices",
         )
     out.parent.mkdir(parents=True, exist_ok=True)
