@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install --quiet -e ".[dev,export]"
+	$(BIN)/pip install --quiet -e ".[dev,export,eval]"
 	@touch $@
 
 # Tokenised WebDataset shards of the bundled corpus (the tokenizer is committed: data/tokenizer.json).

@@ -436,14 +436,25 @@ def _tokenizer(args: argparse.Namespace, lm: LoadedModel) -> DocumentTokenizer:
     return tok
 
 
-def _eval_tasks(args: argparse.Namespace, lm: LoadedModel, model, allowed) -> dict[str, Any]:
-    from emo_lightning.experts.harness import EMOHarnessLM, format_accuracy, resolve_tasks, run_tasks
+def _harness():
+    """The lm-eval adapter module (an optional dependency: the ``eval`` extra)."""
+    try:
+        from emo_lightning.experts import harness
+    except ImportError as err:
+        raise UserError(
+            f"--tasks needs lm-evaluation-harness ({err.name} is not installed)",
+            "pip install 'emo-lightning[eval]' (make install does)",
+        ) from None
+    return harness
 
-    names, folder = resolve_tasks(args.tasks)
+
+def _eval_tasks(args: argparse.Namespace, lm: LoadedModel, model, allowed) -> dict[str, Any]:
+    h = _harness()
+    names, folder = h.resolve_tasks(args.tasks)
     tok = _tokenizer(args, lm)
-    harness = EMOHarnessLM(model, tok, args.routing, allowed, args.batch_size, not args.no_progress)
-    results = run_tasks(harness, names, folder, limit=args.limit)
-    print(format_accuracy(results))
+    harness = h.EMOHarnessLM(model, tok, args.routing, allowed, args.batch_size, not args.no_progress)
+    results = h.run_tasks(harness, names, folder, limit=args.limit)
+    print(h.format_accuracy(results))
     return results
 
 
