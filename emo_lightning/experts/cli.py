@@ -77,6 +77,16 @@ def _counts(text: str) -> list[int]:
     return counts
 
 
+def _methods(text: str) -> list[str]:
+    """``"layerwise,easy_ep:global"`` -> the report's selection methods (random is always measured)."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    ok = {f"{m}{b}" for m in METHODS if m != "random" for b in ("", ":global", ":layer")}
+    bad = [m for m in names if m not in ok]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected some of {sorted(ok)}, got {text!r}")
+    return [m.removesuffix(":layer") for m in names]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="emo-experts",
@@ -204,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", default="0.0625,0.125,0.25,0.5,1", help="comma-separated keep fractions or counts"
     )
     p.add_argument("--shots", type=_counts, default="1,8", help="comma-separated calibration document counts")
+    p.add_argument(
+        "--methods",
+        type=_methods,
+        default="layerwise",
+        help="comma-separated selection methods compared beside random: layerwise, easy_ep, and either with "
+        ":global (a variable keep per layer) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="an `emo-data make-task` folder: also each cut's accuracy on its domain's task (the accuracy drop)",
+    )
     p.add_argument("--calib-docs", type=int, default=8, help="calibration documents per domain")
     p.add_argument("--eval-docs", type=int, default=50, help="evaluation documents per domain (disjoint)")
     p.add_argument("--random-seeds", type=int, default=3, help="random subsets per domain and keep")
@@ -473,7 +495,11 @@ def cmd_report(args: argparse.Namespace) -> None:
         seq_len=args.seq_len or 256,
         batch_size=args.batch_size,
         seed=args.seed,
+        methods=args.methods,
+        tasks=args.tasks,
     )
+    if args.tasks and _harness().resolve_tasks(args.tasks)[1] is None:  # a usable folder, before any work
+        raise UserError(f"--tasks {args.tasks}: not a folder", "pass the folder `emo-data make-task` wrote")
     if max(cfg.shots) > cfg.n_calib:
         raise UserError(f"--shots {max(cfg.shots)} exceeds --calib-docs {cfg.n_calib}", "raise --calib-docs")
     for flag, other in (("emo", "standard"), ("baseline", "emo")):

@@ -16,7 +16,27 @@ from emo_lightning.experts.harness import EMOHarnessLM
 from emo_lightning.model import Routing
 from tests.experts.conftest import TOKENIZER, tiny_model, write_checkpoint
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+    "sigma",
+    "tau",
+]
 
 
 class _Req:
