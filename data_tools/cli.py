@@ -130,7 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", default="nextpassage", help="task prefix: <name>_<domain> (default: %(default)s)"
     )
     p.add_argument("--context-words", type=int, default=48, help="words of context (default: %(default)s)")
-    p.add_argument("--passage-words", type=int, default=16, help="words per choice (default: %(default)s)")
+    p.add_argument(
+        "--passage-words",
+        type=int,
+        default=16,
+        help="words per choice (default: %(default)s; models as small as the tiny ones are near chance there: "
+        "1 or 2 words, see docs/modularity.md)",
+    )
     p.add_argument("--choices", type=int, default=4, help="choices per item (default: %(default)s)")
     p.add_argument("--max-items", type=int, default=200, help="items per domain (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the items (default: %(default)s)")
