@@ -92,6 +92,10 @@ class EMOHarnessLM(TemplateLM):
     def tok_decode(self, tokens: Sequence[int]) -> str:
         return self.tok.decode(tokens)
 
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """The harness's tokenisation (``TemplateLM``), then :meth:`_loglikelihood_tokens`; quiet without progress."""
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     def _forward(self, ids: Tensor, doc_ids: Tensor) -> Tensor:
         """(B,S) -> (B,S,V) logits under the routing and subset."""
         with torch.no_grad(), self.model.routing(self.routing):
