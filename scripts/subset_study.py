@@ -203,7 +203,7 @@ def _accuracy(ckpt: Path | str, args: argparse.Namespace) -> dict[str, float]:
     calib = {}
     for d in _domains(args.corpus):
         path = split_val(args.corpus, d, args.out / "data")[0]
-        calib[d] = {json.loads(line).get("id") for line in path.read_text().splitlines() if line.strip()}
+        calib[d] = {json.loads(line).get("id") for line in path.read_text().split("\n") if line.strip()}
     tasks = task_documents(args.tasks)
     samples = {t: [i for i, x in enumerate(v["doc_ids"]) if x not in calib.get(v["domain"], set())]
                for t, v in tasks.items()}  # fmt: skip
