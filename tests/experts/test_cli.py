@@ -24,7 +24,7 @@ def _run(*argv: str) -> None:
 
 
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    for cmd in ("routes", "select", "prune", "eval", "report"):
+    for cmd in ("routes", "select", "prune", "merge", "eval", "report"):
         with pytest.raises(SystemExit):
             build_parser().parse_args([cmd, "--help"])
         assert "usage: emo-experts" in capsys.readouterr().out
