@@ -251,6 +251,29 @@ def merge_phase(args: argparse.Namespace) -> None:
             row = cached(args.out / "results" / f"merge_{kind}_{d}.json", one)
             print(kind, d, json.dumps(row), flush=True)
 
+            def more(kind=kind, ckpt=ckpt, d=d) -> dict[str, Any]:  # the other merge options
+                tuned = args.out / "runs" / f"{kind}_{d}_25_ft" / "checkpoints" / "last.ckpt"
+                out: dict[str, Any] = {}
+                for dense, router in (("full", "part"), ("average", "full")):
+                    path = args.out / "ckpt" / f"{kind}_{d}_merged_{dense}_{router}.ckpt"
+                    if not path.exists():
+                        model, hparams, source, meta = merge_checkpoints(
+                            ckpt, tuned, dense=dense, router=router
+                        )
+                        save_checkpoint(model, hparams, path, source, emo_merged=meta)
+                    out[f"merged_{dense}_router_{router}"] = {
+                        "loss": _all_losses(path, args),
+                        "acc": _accuracy(path, args) if args.tasks else None,
+                    }
+                return out
+
+            print(
+                kind,
+                d,
+                json.dumps(cached(args.out / "results" / f"merge_{kind}_{d}_more.json", more)),
+                flush=True,
+            )
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
