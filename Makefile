@@ -41,7 +41,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install --quiet -e ".[dev,export]"
+	$(BIN)/pip install --quiet -e ".[dev,export,eval]"
 	@touch $@
 
 # The explorer's browser tests (tests/experts/test_explore.py) drive a headless Chromium with Playwright for Python

@@ -1,4 +1,4 @@
-"""``emo-data``: offline data preparation (``build-tokenizer``, ``build-shards``, ``inspect``).
+"""``emo-data``: offline data preparation (``build-tokenizer``, ``build-shards``, ``inspect``, ``make-task``).
 
 Mistakes (a missing file, a bad record, a file that is not a tokenizer...) end with one line ``emo-data: ...``
 and exit status 2 (``--debug`` or ``EMO_DEBUG=1`` shows the traceback).
@@ -17,6 +17,7 @@ from data_tools.inputs import expand_inputs, read_records
 from data_tools.manifest import Manifest
 from data_tools.records import Fields, OnError, SkipLog
 from data_tools.shards import parse_size
+from data_tools.tasks import TaskSpec, make_task
 from data_tools.tokenizer import train_bpe
 
 SLURM_ONLY = ("partition", "time", "job_name", "env_command")
@@ -131,6 +132,20 @@ def add_field_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def cmd_make_task(args: argparse.Namespace) -> None:
+    spec = TaskSpec(
+        args.name, args.context_words, args.passage_words, args.choices, args.max_items, args.seed
+    )
+    summary = make_task(args.input, args.out, spec, args.overwrite, _fields(args))
+    items = {d: c["items"] for d, c in summary["domains"].items()}
+    print(
+        f"wrote {len(summary['tasks'])} tasks ({sum(items.values())} items: "
+        + ", ".join(f"{d} {n}" for d, n in items.items())
+        + f") and the group {spec.name} to {args.out}"
+    )
+    print(f"  evaluate: emo-experts eval --ckpt CKPT --tasks {args.out} --out acc.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="emo-data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +219,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build_shards)
+
+    p = sub.add_parser(
+        "make-task",
+        help="a local lm-evaluation-harness multiple-choice task per domain: the true next passage among others",
+        description="Per domain, items of the 'next passage' task: a document's first --context-words words, "
+        "then its next --passage-words words among the passages at the same place of --choices - 1 other "
+        "documents of the domain (seeded). Use documents the models did not train on (a val split).",
+    )
+    p.add_argument("--input", nargs="+", required=True, help=INPUT_HELP)
+    add_field_arguments(p)
+    p.add_argument("--out", required=True, help="output folder (lm-eval task YAMLs and their data)")
+    p.add_argument(
+        "--name", default="nextpassage", help="task prefix: <name>_<domain> (default: %(default)s)"
+    )
+    p.add_argument("--context-words", type=int, default=48, help="words of context (default: %(default)s)")
+    p.add_argument(
+        "--passage-words",
+        type=int,
+        default=16,
+        help="words per choice (default: %(default)s; models as small as the tiny ones are near chance there: "
+        "1 or 2 words, see docs/modularity.md)",
+    )
+    p.add_argument("--choices", type=int, default=4, help="choices per item (default: %(default)s)")
+    p.add_argument("--max-items", type=int, default=200, help="items per domain (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the items (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=cmd_make_task)
 
     p = sub.add_parser("inspect", help="summarise a manifest.json")
     p.add_argument("manifest", help="manifest.json or shard directory")

@@ -87,11 +87,13 @@ def generate(
     eos_id: int,
     first_index: int = 0,
     on_token: Callable[[int, int], None] | None = None,
+    allowed: Tensor | None = None,
 ) -> list[tuple[list[int], str]]:
     """Continue every prompt (a batch, each row on its own); returns ``(tokens, "eos" | "length")`` per prompt.
 
     ``first_index``: index of ``prompts[0]`` in the whole input (seeds its random stream). ``on_token(row,
-    token)`` is called for every generated token (streaming).
+    token)`` is called for every generated token (streaming). ``allowed``: (L,1,1,E') the experts every token may
+    use (a variable-keep subset on the full model), passed to every forward.
     """
     device = model.lm_head.weight.device
     b, longest = len(prompts), max(len(p) for p in prompts)
@@ -103,7 +105,9 @@ def generate(
     cache = DecodeCache.empty(
         model.cfg, b, longest + sampling.max_new_tokens, device, model.lm_head.weight.dtype
     )
-    logits = model(ids.to(device), doc.to(device), cache=cache).logits[torch.arange(b), lengths - 1]  # (B,V)
+    logits = model(ids.to(device), doc.to(device), cache=cache, allowed=allowed).logits[
+        torch.arange(b), lengths - 1
+    ]  # (B,V)
     gens = [
         torch.Generator().manual_seed(derive_seed(sampling.seed, first_index + i, _SAMPLE_STREAM))
         for i in range(b)
@@ -122,7 +126,7 @@ def generate(
                     on_token(row, int(tokens[row]))
         if bool(done.all()) or step == sampling.max_new_tokens - 1:
             break
-        logits = model(tokens.to(device)[:, None], cache=cache).logits[:, -1]  # (B,V)
+        logits = model(tokens.to(device)[:, None], cache=cache, allowed=allowed).logits[:, -1]  # (B,V)
     return [(toks, "eos" if d else "length") for toks, d in zip(out, done.tolist(), strict=True)]
 
 

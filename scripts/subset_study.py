@@ -1,9 +1,16 @@
 """Subset fine-tuning study (docs/modularity.md, "Serving a subset"): does a domain's expert subset fine-tune back
-to the full model, does a composed subset serve two domains, does selection beat chance on an unseen domain?
+to the full model, does a composed subset serve two domains, does selection beat chance on an unseen domain, and
+does merging a fine-tuned subset back into the full model break the other domains?
 
     python scripts/subset_study.py domains --emo EMO.ckpt --baseline STD.ckpt --out runs/subset_study
     python scripts/subset_study.py compose --emo EMO.ckpt --baseline STD.ckpt --out runs/subset_study
     python scripts/subset_study.py heldout --emo EMO7.ckpt --baseline STD7.ckpt --domain news --out runs/subset_study
+    python scripts/subset_study.py merge --emo EMO.ckpt --baseline STD.ckpt --domains code --tasks runs/tasks_val
+
+``merge``: the domain's 25% subset fine-tuned as in ``domains`` (the same run, reused), written back into the full
+model (``emo-experts merge``, dense weights of the full model and of the part), then every domain's val loss
+(without the calibration documents) and, with ``--tasks`` (an ``emo-data make-task`` folder), every domain's task
+accuracy, for the full model and each merged one.
 
 Per model and domain: the first 8 documents of the domain's val split calibrate a 25% layer-wise subset (the
 rest of the split evaluates, full routing over the kept experts); the pruned model is fine-tuned with
@@ -185,9 +192,92 @@ def heldout_phase(args: argparse.Namespace) -> None:
         print(kind, d, {k: round(v, 4) for k, v in row.items()}, flush=True)
 
 
+def _domains(corpus: Path) -> list[str]:
+    return sorted(p.name.removesuffix(".jsonl.gz") for p in (corpus / "val").glob("*.jsonl.gz"))
+
+
+def _accuracy(ckpt: Path | str, args: argparse.Namespace) -> dict[str, float]:
+    """acc_norm per domain's task (items of calibration documents left out), ``{domain: acc_norm}``."""
+    from emo_lightning.experts.harness import EMOHarnessLM, run_tasks, task_documents
+
+    calib = {}
+    for d in _domains(args.corpus):
+        path = split_val(args.corpus, d, args.out / "data")[0]
+        calib[d] = {json.loads(line).get("id") for line in path.read_text().split("\n") if line.strip()}
+    tasks = task_documents(args.tasks)
+    samples = {t: [i for i, x in enumerate(v["doc_ids"]) if x not in calib.get(v["domain"], set())]
+               for t, v in tasks.items()}  # fmt: skip
+    lm = EMOHarnessLM(load_model(ckpt).model, DocumentTokenizer(TOKENIZER), batch_size=32, progress=False)
+    res = run_tasks(lm, sorted(tasks), args.tasks, samples=samples)
+    return {tasks[t]["domain"]: res[t]["acc_norm"] for t in tasks}
+
+
+def _all_losses(ckpt: Path | str, args: argparse.Namespace) -> dict[str, float]:
+    model = load_model(ckpt).model
+    return {
+        d: loss(ckpt, split_val(args.corpus, d, args.out / "data")[1], model) for d in _domains(args.corpus)
+    }
+
+
+def merge_phase(args: argparse.Namespace) -> None:
+    from emo_lightning.experts.merge import merge_checkpoints
+
+    for kind, ckpt in (("emo", args.emo), ("standard", args.baseline)):
+
+        def base(ckpt=ckpt) -> dict[str, Any]:
+            return {"loss": _all_losses(ckpt, args), "acc": _accuracy(ckpt, args) if args.tasks else None}
+
+        ref = cached(args.out / "results" / f"merge_full_{kind}.json", base)
+        print(kind, "full", json.dumps(ref), flush=True)
+        for d in args.domains:
+
+            def one(kind=kind, ckpt=ckpt, d=d) -> dict[str, Any]:
+                calib, rest = split_val(args.corpus, d, args.out / "data")
+                subset = select(ckpt, calib, 0.25, "layerwise")
+                small = prune_to(ckpt, subset, args.out / "ckpt" / f"{kind}_{d}_25.ckpt")
+                tuned = fine_tune(kind, small, shards(args.corpus, [d], args.out), f"{kind}_{d}_25_ft", args)
+                out: dict[str, Any] = {"part_ft": {"loss": {d: loss(tuned, rest)}}}
+                for dense in ("full", "part"):
+                    path = args.out / "ckpt" / f"{kind}_{d}_merged_{dense}.ckpt"
+                    if not path.exists():
+                        model, hparams, source, meta = merge_checkpoints(ckpt, tuned, dense=dense)
+                        save_checkpoint(model, hparams, path, source, emo_merged=meta)
+                    out[f"merged_{dense}"] = {
+                        "loss": _all_losses(path, args),
+                        "acc": _accuracy(path, args) if args.tasks else None,
+                    }
+                return out
+
+            row = cached(args.out / "results" / f"merge_{kind}_{d}.json", one)
+            print(kind, d, json.dumps(row), flush=True)
+
+            def more(kind=kind, ckpt=ckpt, d=d) -> dict[str, Any]:  # the other merge options
+                tuned = args.out / "runs" / f"{kind}_{d}_25_ft" / "checkpoints" / "last.ckpt"
+                out: dict[str, Any] = {}
+                for dense, router in (("full", "part"), ("average", "full")):
+                    path = args.out / "ckpt" / f"{kind}_{d}_merged_{dense}_{router}.ckpt"
+                    if not path.exists():
+                        model, hparams, source, meta = merge_checkpoints(
+                            ckpt, tuned, dense=dense, router=router
+                        )
+                        save_checkpoint(model, hparams, path, source, emo_merged=meta)
+                    out[f"merged_{dense}_router_{router}"] = {
+                        "loss": _all_losses(path, args),
+                        "acc": _accuracy(path, args) if args.tasks else None,
+                    }
+                return out
+
+            print(
+                kind,
+                d,
+                json.dumps(cached(args.out / "results" / f"merge_{kind}_{d}_more.json", more)),
+                flush=True,
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=["domains", "compose", "heldout"])
+    p.add_argument("phase", choices=["domains", "compose", "heldout", "merge"])
     p.add_argument("--emo", required=True)
     p.add_argument("--baseline", required=True)
     p.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
@@ -197,9 +287,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "subset_study")
+    p.add_argument("--tasks", type=Path, default=None, help="merge: an emo-data make-task folder (accuracy)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    {"domains": domains_phase, "compose": compose_phase, "heldout": heldout_phase}[args.phase](args)
+    phases = {
+        "domains": domains_phase,
+        "compose": compose_phase,
+        "heldout": heldout_phase,
+        "merge": merge_phase,
+    }
+    phases[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``emo-experts``: routes, expert selection, pruning, evaluation and the modularity report.
+"""``emo-experts``: routes, expert selection, pruning, merging back, evaluation (loss, downstream tasks), the report.
 
 Mistakes (a missing checkpoint, a subset of another model, a tokenizer that does not fit...) end with one line
 ``emo-experts: ...`` and exit status 2 (``--debug`` or ``EMO_DEBUG=1`` shows the traceback).
@@ -32,13 +32,15 @@ from emo_lightning.experts.documents import (
     pack_documents,
 )
 from emo_lightning.experts.evaluate import document_losses, domain_table, format_table
+from emo_lightning.experts.merge import DENSE, ROUTER, merge_checkpoints
 from emo_lightning.experts.routes import iter_routes, write_routes
 from emo_lightning.experts.selection import (
+    BUDGETS,
+    METHODS,
     Subset,
     compose_subsets,
-    layerwise_subset,
     parse_keep,
-    random_subset,
+    select_subset,
 )
 from emo_lightning.model import FULL, expert_parameter_counts, parse_routing, prune_model
 
@@ -76,6 +78,16 @@ def _counts(text: str) -> list[int]:
     return counts
 
 
+def _methods(text: str) -> list[str]:
+    """``"layerwise,easy_ep:global"`` -> the report's selection methods (random is always measured)."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    ok = {f"{m}{b}" for m in METHODS if m != "random" for b in ("", ":global", ":layer")}
+    bad = [m for m in names if m not in ok]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected some of {sorted(ok)}, got {text!r}")
+    return [m.removesuffix(":layer") for m in names]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="emo-experts",
@@ -96,7 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keep", required=True, help="experts per layer, shared included: a count (4) or a fraction (0.25)"
     )
-    p.add_argument("--method", choices=["layerwise", "random"], default="layerwise")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="layerwise",
+        help="layerwise: greedy layer by layer on the mean router probability (the paper's); easy_ep: one "
+        "forward, gate x expert output norm x the token's direction change (arXiv 2504.06792); random",
+    )
+    p.add_argument(
+        "--budget",
+        choices=BUDGETS,
+        default="layer",
+        help="layer: --keep experts in every layer (prunable); global: the same total spread over the layers by "
+        "score, a variable keep per layer (evaluated masked, not prunable) (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random method: seed (default: %(default)s)")
     p.add_argument("--out", required=True, help="output subset.json")
     _routing_arg(p, "full | pool:P | running:P")
@@ -117,6 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser(
+        "merge", help="write a (fine-tuned) part's experts back into the full model at their original ids"
+    )
+    p.add_argument("--full", required=True, help="the full checkpoint the part was pruned from")
+    p.add_argument("--part", required=True, help="the part: pruned, usually fine-tuned (emo fit --init_from)")
+    p.add_argument("--out", required=True, help="output checkpoint, the full model's size")
+    p.add_argument(
+        "--subset",
+        default=None,
+        help="the part's subset.json (default: recorded in the part or its init_from)",
+    )
+    p.add_argument(
+        "--dense",
+        choices=DENSE,
+        default="full",
+        help="embeddings, attention, norms, LM head, shared experts: the full model's (default: only the part's "
+        "experts change), the part's, or their average",
+    )
+    p.add_argument(
+        "--router",
+        choices=ROUTER,
+        default="full",
+        help="router rows of the merged experts: the full model's (default) or the part's",
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser(
         "export", help="a Hugging Face model folder (stock Qwen2-MoE / Qwen3-MoE, no remote code)"
     )
     p.add_argument("--ckpt", required=True)
@@ -131,13 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", default=DEFAULT_TOKENIZER, help="the run's tokenizer.json (default: %(default)s)"
     )
 
-    p = sub.add_parser("eval", help="per-domain loss and perplexity (JSON and a table)")
+    p = sub.add_parser(
+        "eval",
+        help="per-domain loss and perplexity (--data), or downstream accuracy through lm-eval (--tasks)",
+    )
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--data", required=True, help="JSONL file or directory")
-    p.add_argument("--subset", default=None, help="evaluate the checkpoint cut to this subset.json")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="JSONL file or directory: per-domain loss and perplexity")
+    what.add_argument(
+        "--tasks",
+        help="lm-evaluation-harness tasks: a folder of task YAMLs (every task in it, e.g. from `emo-data "
+        "make-task`) or comma-separated names; accuracy and its standard error per task",
+    )
+    p.add_argument(
+        "--subset",
+        default=None,
+        help="evaluate the checkpoint cut to this subset.json (a variable keep per layer: masked, not pruned)",
+    )
     p.add_argument(
         "--max-docs", type=int, default=None, help="at most this many documents per domain (first ones)"
     )
+    p.add_argument("--limit", type=int, default=None, help="--tasks: at most this many items per task")
     p.add_argument("--out", default=None, help="write the JSON here (default: print it after the table)")
     _routing_arg(p)
     _common(p)
@@ -150,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", default="0.0625,0.125,0.25,0.5,1", help="comma-separated keep fractions or counts"
     )
     p.add_argument("--shots", type=_counts, default="1,8", help="comma-separated calibration document counts")
+    p.add_argument(
+        "--methods",
+        type=_methods,
+        default="layerwise",
+        help="comma-separated selection methods compared beside random: layerwise, easy_ep, and either with "
+        ":global (a variable keep per layer) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="an `emo-data make-task` folder: also each cut's accuracy on its domain's task (the accuracy drop)",
+    )
     p.add_argument("--calib-docs", type=int, default=8, help="calibration documents per domain")
     p.add_argument("--eval-docs", type=int, default=50, help="evaluation documents per domain (disjoint)")
     p.add_argument("--random-seeds", type=int, default=3, help="random subsets per domain and keep")
@@ -204,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_subset(path: str, lm: LoadedModel) -> Subset:
+def _load_subset(path: str, lm: LoadedModel, prunable: bool = False) -> Subset:
+    """A subset of this checkpoint's experts; ``prunable``: refuse a variable keep per layer."""
     subset = Subset.from_dict(_read_json(path), path)
     rc = lm.config.router
     if (subset.num_experts, subset.num_shared) != (rc.num_experts, rc.num_shared):
@@ -213,20 +291,22 @@ def _load_subset(path: str, lm: LoadedModel) -> Subset:
             f"has {rc.num_experts} ({rc.num_shared} shared)",
             "select the subset from this checkpoint (`emo-experts select --ckpt ...`)",
         )
+    if prunable and not subset.uniform:
+        raise UserError(
+            f"{path}: a variable keep per layer ({[len(layer) for layer in subset.layers]} routable experts) "
+            "cannot become one smaller model (one expert count per layer is an architecture constant)",
+            "evaluate it on the full checkpoint (`emo-experts eval --subset`), or select with --budget layer",
+        )
     return subset
 
 
 def _docs(args: argparse.Namespace, lm: LoadedModel):
-    tok = DocumentTokenizer(args.tokenizer)
-    if tok.vocab_size > lm.config.arch.vocab_size:
-        raise UserError(
-            f"--tokenizer {args.tokenizer}: vocabulary {tok.vocab_size} exceeds the model's "
-            f"{lm.config.arch.vocab_size}",
-            "pass the tokenizer the model was trained with",
-        )
+    tok = _tokenizer(args, lm)
     docs = load_documents(args.data, tok)
     if getattr(args, "max_docs", None):
         docs = [d for group in by_domain(docs).values() for d in group[: args.max_docs]]
+    if not docs:
+        raise UserError(f"--data {args.data}: no documents", "pass JSON Lines records with a non-empty text")
     seq = min(args.seq_len or lm.config.arch.max_seq_len, lm.config.arch.max_seq_len)
     return tok, docs, pack_documents(docs, seq, args.batch_size, tok.pad_id)
 
@@ -251,19 +331,22 @@ def cmd_select(args: argparse.Namespace) -> None:
     rc = lm.config.router
     keep = parse_keep(args.keep, rc)
     if args.method == "random":
-        subset = random_subset(rc, len(lm.model.blocks), keep, args.seed)
+        subset = select_subset(lm.model, [], keep, "random", budget=args.budget, seed=args.seed)
     else:
         _, docs, batches = _docs(args, lm)
-        subset = layerwise_subset(lm.model, batches, keep, args.routing, progress=not args.no_progress)
+        subset = select_subset(
+            lm.model, batches, keep, args.method, args.routing, args.budget, progress=not args.no_progress
+        )
         subset.info["calibration"] = {"data": args.data, "documents": [d.id for d in docs]}
     subset.info["checkpoint"] = args.ckpt
     atomic_write_text(args.out, json.dumps(subset.to_dict(), indent=1))
+    per = "per layer" if subset.uniform else "per layer on average (a global budget: variable keep)"
     print(
-        f"{args.method}: keep {keep}/{rc.num_experts} experts per layer ({subset.keep_routed} routable + "
+        f"{args.method}: keep {keep}/{rc.num_experts} experts {per} ({subset.keep_routed} routable + "
         f"{rc.num_shared} shared) -> {args.out}"
     )
     for i, layer in enumerate(subset.layers):
-        print(f"  layer {i}: {layer}")
+        print(f"  layer {i}: {len(layer)} routable {layer}")
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
@@ -294,7 +377,7 @@ def _read_json(path: str) -> dict[str, Any]:
 def cmd_prune(args: argparse.Namespace) -> None:
     with tqdm(total=3, desc="prune", disable=args.no_progress) as bar:
         lm = load_model(args.ckpt)
-        subset = _load_subset(args.subset, lm)
+        subset = _load_subset(args.subset, lm, prunable=True)
         bar.update()
         small = prune_model(lm.model, subset.layers)
         bar.update()
@@ -315,6 +398,23 @@ def cmd_prune(args: argparse.Namespace) -> None:
     print(f"  file            {_size(src_size):>12} -> {_size(size):>12} (source includes optimizer state)")
 
 
+def cmd_merge(args: argparse.Namespace) -> None:
+    with tqdm(total=2, desc="merge", disable=args.no_progress) as bar:
+        subset = Subset.from_dict(_read_json(args.subset), args.subset) if args.subset else None
+        model, hparams, source, meta = merge_checkpoints(
+            args.full, args.part, subset, args.dense, args.router
+        )
+        bar.update()
+        size = save_checkpoint(model, hparams, args.out, source, emo_merged=meta)
+        bar.update()
+    counts = [len(layer) for layer in meta["layers"]]
+    print(
+        f"merged {sum(counts)} experts ({'/'.join(map(str, counts))} per layer of "
+        f"{model.cfg.router.num_routed}) of {args.part} into {args.full} -> {args.out} ({_size(size)})"
+    )
+    print(f"  dense weights: {args.dense}; router rows: {args.router}")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from emo_lightning.experts.export import export_hf, hf_architecture
 
@@ -322,7 +422,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     lm = load_model(args.ckpt)
     model = lm.model
     if args.subset:
-        model = prune_model(model, _load_subset(args.subset, lm).layers)
+        model = prune_model(model, _load_subset(args.subset, lm, prunable=True).layers)
     arch = hf_architecture(model.cfg)
     sizes = export_hf(model, args.tokenizer, args.out, args.overwrite)
     rc = model.cfg.router
@@ -337,26 +437,26 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     lm = load_model(args.ckpt)
-    model = lm.model
+    model, allowed = lm.model, None
     if args.subset:
-        model = prune_model(model, _load_subset(args.subset, lm).layers)
-    tok, docs, batches = _docs(args, lm)
+        model, allowed = _load_subset(args.subset, lm).apply(model)
+        if allowed is not None and args.routing.kind == "causal":
+            raise UserError(
+                f"--subset {args.subset}: a variable-keep subset with --routing causal:P:N",
+                "use full, pool:P or running:P",
+            )
     start = time.perf_counter()
-    results: dict[str, Any] = {}
-    dl = document_losses(model, docs, batches, args.routing, tok.pad_id, not args.no_progress)
-    results[str(args.routing)] = domain_table(docs, dl)
-    if args.routing.kind == "causal":  # the same targets with all experts and no pool
-        ref = document_losses(
-            model, docs, batches, FULL, tok.pad_id, not args.no_progress, score_from=args.routing.prefix - 1
-        )
-        results["full (same targets)"] = domain_table(docs, ref)
-    print(format_table(results))
-    payload = {
-        "checkpoint": args.ckpt,
-        "subset": args.subset,
-        "data": args.data,
+    payload: dict[str, Any] = {"checkpoint": args.ckpt, "subset": args.subset}
+    if args.tasks:
+        results = _eval_tasks(args, lm, model, allowed)
+        payload["tasks"] = args.tasks
+    else:
+        results = _eval_losses(args, lm, model, allowed)
+        payload["data"] = args.data
+    payload |= {
         "routing": str(args.routing),
         "num_experts": model.cfg.router.num_experts,
+        "experts_per_layer": None if allowed is None else allowed.sum((1, 2, 3)).tolist(),
         "parameters": expert_parameter_counts(model)["total"],
         "seconds": round(time.perf_counter() - start, 2),
         "results": results,
@@ -367,6 +467,54 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
     else:
         print(text)
+
+
+def _eval_losses(args: argparse.Namespace, lm: LoadedModel, model, allowed) -> dict[str, Any]:
+    tok, docs, batches = _docs(args, lm)
+    progress = not args.no_progress
+    results: dict[str, Any] = {}
+    dl = document_losses(model, docs, batches, args.routing, tok.pad_id, progress, allowed=allowed)
+    results[str(args.routing)] = domain_table(docs, dl)
+    if args.routing.kind == "causal":  # the same targets with all experts and no pool
+        ref = document_losses(
+            model, docs, batches, FULL, tok.pad_id, progress, score_from=args.routing.prefix - 1
+        )
+        results["full (same targets)"] = domain_table(docs, ref)
+    print(format_table(results))
+    return results
+
+
+def _tokenizer(args: argparse.Namespace, lm: LoadedModel) -> DocumentTokenizer:
+    tok = DocumentTokenizer(args.tokenizer)
+    if tok.vocab_size > lm.config.arch.vocab_size:
+        raise UserError(
+            f"--tokenizer {args.tokenizer}: vocabulary {tok.vocab_size} exceeds the model's "
+            f"{lm.config.arch.vocab_size}",
+            "pass the tokenizer the model was trained with",
+        )
+    return tok
+
+
+def _harness():
+    """The lm-eval adapter module (an optional dependency: the ``eval`` extra)."""
+    try:
+        from emo_lightning.experts import harness
+    except ImportError as err:
+        raise UserError(
+            f"--tasks needs lm-evaluation-harness ({err.name} is not installed)",
+            "pip install 'emo-lightning[eval]' (make install does)",
+        ) from None
+    return harness
+
+
+def _eval_tasks(args: argparse.Namespace, lm: LoadedModel, model, allowed) -> dict[str, Any]:
+    h = _harness()
+    names, folder = h.resolve_tasks(args.tasks)
+    tok = _tokenizer(args, lm)
+    harness = h.EMOHarnessLM(model, tok, args.routing, allowed, args.batch_size, not args.no_progress)
+    results = h.run_tasks(harness, names, folder, limit=args.limit)
+    print(h.format_accuracy(results))
+    return results
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -384,7 +532,11 @@ def cmd_report(args: argparse.Namespace) -> None:
         seq_len=args.seq_len or 256,
         batch_size=args.batch_size,
         seed=args.seed,
+        methods=args.methods,
+        tasks=args.tasks,
     )
+    if args.tasks and _harness().resolve_tasks(args.tasks)[1] is None:  # a usable folder, before any work
+        raise UserError(f"--tasks {args.tasks}: not a folder", "pass the folder `emo-data make-task` wrote")
     if max(cfg.shots) > cfg.n_calib:
         raise UserError(f"--shots {max(cfg.shots)} exceeds --calib-docs {cfg.n_calib}", "raise --calib-docs")
     for flag, other in (("emo", "standard"), ("baseline", "emo")):
@@ -429,6 +581,7 @@ COMMANDS = {
     "compose": cmd_compose,
     "export": cmd_export,
     "prune": cmd_prune,
+    "merge": cmd_merge,
     "eval": cmd_eval,
     "report": cmd_report,
     "explore": cmd_explore,

@@ -32,16 +32,18 @@ def document_losses(
     progress: bool = False,
     desc: str = "eval",
     score_from: int | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> DocLosses:
     """Token losses summed per document, scored from document position ``score_from`` on (default 0; with
-    ``causal:P:N`` N-1: only targets whose routing is causal count, the pool comes from tokens 0..N-1)."""
+    ``causal:P:N`` N-1: only targets whose routing is causal count, the pool comes from tokens 0..N-1).
+    ``allowed``: (L,1,1,E') a variable-keep subset's experts (``Subset.apply``)."""
     if score_from is None:
         score_from = routing.prefix - 1 if routing.kind == "causal" else 0
     n_docs = len(docs)
     loss_sum = torch.zeros(n_docs, dtype=torch.float64)
     tokens = torch.zeros(n_docs, dtype=torch.long)
     counts = None
-    for b, out in forward_documents(model, docs, batches, routing, pad_id, progress, desc):
+    for b, out in forward_documents(model, docs, batches, routing, pad_id, progress, desc, allowed):
         scored = (b.labels != IGNORE_INDEX) & (b.doc_index >= 0)
         if score_from > 0:
             scored &= b.doc_pos >= score_from

@@ -55,14 +55,19 @@ def forward_documents(
     pad_id: int = 1,
     progress: bool = False,
     desc: str = "forward",
+    allowed: Tensor | None = None,
     **kwargs: Any,
 ) -> Iterator[tuple[DocBatch, ModelOutput]]:
     """Every packed batch of ``docs`` through ``model`` on its device under ``routing`` (``kwargs``: of the model's
-    forward, e.g. ``return_routes``). The model decides every pool; causal pools come from :func:`prefix_pools`."""
+    forward, e.g. ``return_routes``). The model decides every pool; causal pools come from :func:`prefix_pools`.
+    ``allowed``: (L,1,1,E') experts every token may use (a variable-keep subset, ``Subset.apply``); not with
+    ``causal`` routing, whose prefix pools are chosen over all experts."""
     dev = model.lm_head.weight.device
+    causal = routing.kind == "causal"
+    if causal and allowed is not None:
+        raise ValueError("causal pools are chosen over all experts: not with a fixed `allowed` subset")
     with model.routing(routing):
-        causal = routing.kind == "causal"
         pools = prefix_pools(model, docs, routing.prefix, routing.pool, pad_id) if causal else None
         for b in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-            allowed = None if pools is None else causal_allowed(pools, b).to(dev)
-            yield b, model(b.input_ids.to(dev), b.doc_ids.to(dev), allowed=allowed, **kwargs)
+            mask = allowed if pools is None else causal_allowed(pools, b).to(dev)
+            yield b, model(b.input_ids.to(dev), b.doc_ids.to(dev), allowed=mask, **kwargs)

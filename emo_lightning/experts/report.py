@@ -1,10 +1,12 @@
 """The modularity report: how much of a model survives when it keeps only a few experts chosen per domain.
 
 For each domain, keep fraction and shot count: the loss of EMO and of the standard MoE cut to the experts
-selected (layer-wise) from ``shots`` calibration documents of that domain, and cut to random subsets,
-relative to the same model with all experts; evaluated on held-out documents of the domain (calibration and
-evaluation documents are disjoint). Plus the router clustering analysis. Writes ``report.json``,
-``report.md`` and PNG plots.
+selected (layer-wise, or every method of ``methods``: ``easy_ep``, ``easy_ep:global``...) from ``shots``
+calibration documents of that domain, and cut to random subsets, relative to the same model with all experts;
+evaluated on held-out documents of the domain (calibration and evaluation documents are disjoint). With
+``tasks`` (a ``emo-data make-task`` folder) also the accuracy of every cut on the domain's task beside the
+full model's (the paper's metric: the accuracy drop), leaving out the items built from calibration documents.
+Plus the router clustering analysis. Writes ``report.json``, ``report.md`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from emo_lightning.experts.documents import (
     split_documents,
 )
 from emo_lightning.experts.evaluate import document_losses
-from emo_lightning.experts.selection import layerwise_subset, parse_keep, random_subset
+from emo_lightning.experts.selection import parse_keep, random_subset, select_subset
 from emo_lightning.model import Routing, expert_parameter_counts, prune_model
 
 
@@ -51,13 +53,70 @@ class ReportConfig:
     seq_len: int = 256
     batch_size: int = 16
     seed: int = 0
+    # selection methods besides random: layerwise (the column "shots_s"), easy_ep, and either with ":global"
+    # (a variable keep per layer; column "<method>_global_s")
+    methods: list[str] = field(default_factory=lambda: ["layerwise"])
+    tasks: str | None = None  # a make-task folder: downstream accuracy of every cut on its domain's task
+
+
+def column(method: str, shots: int) -> str:
+    """The result key of a selection method at ``shots`` calibration documents (``shots_s`` = layer-wise)."""
+    return f"shots_{shots}" if method == "layerwise" else f"{method.replace(':', '_')}_{shots}"
+
+
+def columns(cfg: ReportConfig | dict[str, Any]) -> list[str]:
+    """Every selected-subset column, then ``random``."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    methods, shots = get("methods") or ["layerwise"], get("shots")
+    return [column(m, s) for m in methods for s in shots] + ["random"]
 
 
 def _loss(
-    model, docs: Sequence[Document], batches: Sequence[DocBatch], routing: Routing, pad: int, score_from=None
+    model,
+    docs: Sequence[Document],
+    batches: Sequence[DocBatch],
+    routing: Routing,
+    pad: int,
+    score_from=None,
+    allowed=None,
 ) -> float:
-    dl = document_losses(model, docs, batches, routing, pad, score_from=score_from)
+    dl = document_losses(model, docs, batches, routing, pad, score_from=score_from, allowed=allowed)
     return float(dl.loss_sum.sum() / dl.tokens.sum().clamp(min=1))
+
+
+@dataclass
+class _Tasks:
+    """The make-task folder of a report: each domain's task and the items to score (not from calibration)."""
+
+    folder: Path
+    tokenizer: DocumentTokenizer
+    by_domain: dict[str, tuple[str, list[int]]]  # domain -> (task, item indices)
+
+    @classmethod
+    def load(cls, folder: str, tok: DocumentTokenizer, calib: dict[str, list[Document]]) -> _Tasks:
+        from emo_lightning.experts.harness import task_documents
+
+        out = {}
+        for task, info in task_documents(Path(folder)).items():
+            seen = {d.id for d in calib.get(info["domain"], [])}
+            out[info["domain"]] = (task, [i for i, d in enumerate(info["doc_ids"]) if d not in seen])
+        return cls(Path(folder), tok, out)
+
+    def accuracy(self, domain: str, model, allowed, batch_size: int) -> dict[str, Any] | None:
+        """acc / acc_norm (and stderr, n) of ``model`` on ``domain``'s task; None without a task."""
+        if domain not in self.by_domain:
+            return None
+        from emo_lightning.experts.harness import EMOHarnessLM, run_tasks
+
+        task, items = self.by_domain[domain]
+        lm = EMOHarnessLM(model, self.tokenizer, Routing(), allowed, batch_size, progress=False)
+        return run_tasks(lm, [task], self.folder, samples={task: items})[task]
+
+
+def _accuracy_entry(acc: dict[str, Any] | None, full: dict[str, Any] | None) -> dict[str, Any] | None:
+    if acc is None or full is None:
+        return None
+    return {**acc, "drop": full["acc_norm"] - acc["acc_norm"], "drop_acc": full["acc"] - acc["acc"]}
 
 
 def _keep_label(text: str) -> str:
@@ -72,6 +131,7 @@ def _model_part(
     cfg: ReportConfig,
     pad: int,
     bar: tqdm,
+    tasks: _Tasks | None = None,
 ) -> dict[str, Any]:
     """Every measurement of one model."""
     model, rc = lm.model, lm.config.router
@@ -99,27 +159,51 @@ def _model_part(
         dres["causal_pool"]["full_same_tokens"] = _loss(
             model, evals[domain], ev, Routing(), pad, score_from=causal.prefix - 1
         )
+        acc_full = tasks.accuracy(domain, model, None, 2 * cfg.batch_size) if tasks else None
+        if acc_full is not None:
+            dres["accuracy"] = acc_full
         sel: dict[str, dict[str, Any]] = {}
         for label, k in keeps.items():
             entry: dict[str, Any] = {"keep": k}
             if k >= rc.num_experts:
-                entry.update({f"shots_{s}": {"loss": full, "rise": 0.0} for s in cfg.shots})
-                entry["random"] = {"loss": full, "rise": 0.0, "seeds": []}
+                same = {"loss": full, "rise": 0.0, "accuracy": _accuracy_entry(acc_full, acc_full)}
+                entry.update({col: dict(same) for col in columns(cfg)[:-1]})
+                entry["random"] = {**same, "seeds": []}
                 sel[label] = entry
                 continue
             for s in cfg.shots:
                 cb = pack_documents(calib[domain][:s], seq, cfg.batch_size, pad)
-                subset = layerwise_subset(model, cb, k)
-                loss = _loss(prune_model(model, subset.layers), evals[domain], ev, Routing(), pad)
-                entry[f"shots_{s}"] = {"loss": loss, "rise": loss / full - 1, "layers": subset.layers}
-                bar.update()
-            rl = []
+                for method in cfg.methods:
+                    base, _, budget = method.partition(":")
+                    subset = select_subset(model, cb, k, base, budget=budget or "layer")
+                    cut, allowed = subset.apply(model)
+                    loss = _loss(cut, evals[domain], ev, Routing(), pad, allowed=allowed)
+                    entry[column(method, s)] = {
+                        "loss": loss,
+                        "rise": loss / full - 1,
+                        "layers": subset.layers,
+                        "accuracy": _accuracy_entry(
+                            tasks and tasks.accuracy(domain, cut, allowed, 2 * cfg.batch_size), acc_full
+                        ),
+                    }
+                    bar.update()
+            rl, ra = [], []
             for r in range(cfg.random_seeds):
                 subset = random_subset(rc, len(model.blocks), k, seed=cfg.seed * 1000 + r)
-                rl.append(_loss(prune_model(model, subset.layers), evals[domain], ev, Routing(), pad))
+                cut = prune_model(model, subset.layers)
+                rl.append(_loss(cut, evals[domain], ev, Routing(), pad))
+                if acc_full is not None:
+                    ra.append(tasks.accuracy(domain, cut, None, 2 * cfg.batch_size))
                 bar.update()
             mean = float(np.mean(rl))
-            entry["random"] = {"loss": mean, "rise": mean / full - 1, "seeds": rl}
+            entry["random"] = {"loss": mean, "rise": mean / full - 1, "seeds": rl, "accuracy": None}
+            if ra:
+                pooled = {m: float(np.mean([a[m] for a in ra])) for m in ("acc", "acc_norm")}
+                pooled |= {"n": ra[0]["n"], "seeds": [a["acc_norm"] for a in ra]}
+                pooled |= {
+                    f"{m}_stderr": float(np.mean([a[f"{m}_stderr"] for a in ra])) for m in ("acc", "acc_norm")
+                }
+                entry["random"]["accuracy"] = _accuracy_entry(pooled, acc_full)
             sel[label] = entry
         dres["keep"] = sel
         res["domains"][domain] = dres
@@ -139,13 +223,21 @@ def _part_key(lm: LoadedModel, data: str | Path, cfg: ReportConfig) -> dict[str,
             "data": str(Path(data).resolve()), "config": asdict(cfg)}  # fmt: skip
 
 
-def summarise(part: dict[str, Any], shots: Sequence[int]) -> dict[str, dict[str, float]]:
-    """Mean relative rise over domains per keep fraction: ``{keep: {shots_s, random}}``."""
+def summarise(part: dict[str, Any], cols: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Mean relative rise over domains per keep fraction, ``{keep: {column: rise}}``, and with tasks the mean
+    accuracy drop (acc_norm, points of 1) over the domains that have one, ``{keep: {"acc_drop/<column>": drop}}``."""
     out: dict[str, dict[str, float]] = {}
     domains = list(part["domains"].values())
     for label in domains[0]["keep"]:
-        cols = [f"shots_{s}" for s in shots] + ["random"]
         out[label] = {c: float(np.mean([d["keep"][label][c]["rise"] for d in domains])) for c in cols}
+        for c in cols:
+            drops = [
+                d["keep"][label][c]["accuracy"]["drop"]
+                for d in domains
+                if d["keep"][label][c].get("accuracy")
+            ]
+            if drops:
+                out[label][f"acc_drop/{c}"] = float(np.mean(drops))
     return out
 
 
@@ -181,6 +273,7 @@ def run_report(
             f"domain needs {need} ({max(cfg.shots)} to calibrate, at least 1 to evaluate)",
             "add documents, lower --shots / --calib-docs, or leave those domains out",
         )
+    tasks = _Tasks.load(cfg.tasks, tok, calib) if cfg.tasks else None
     paths = {"emo": emo, "standard": baseline}
     if only is not None and only not in paths:
         raise ValueError(f"only must be 'emo' or 'standard', got {only!r}")
@@ -191,7 +284,7 @@ def run_report(
         if parse_keep(k, next(iter(models.values())).config.router)
         < next(iter(models.values())).config.router.num_experts
     )
-    steps = len(models) * len(evals) * n_keep * (len(cfg.shots) + cfg.random_seeds)
+    steps = len(models) * len(evals) * n_keep * (len(cfg.shots) * len(cfg.methods) + cfg.random_seeds)
     report: dict[str, Any] = {
         "config": asdict(cfg),
         "data": str(data),
@@ -209,8 +302,8 @@ def run_report(
                 report["models"][name] = json.loads(cache.read_text())["part"]
                 bar.update(steps // len(models))
                 continue
-            part = _model_part(name, lm, calib, evals, cfg, tok.pad_id, bar)
-            part["summary"] = summarise(part, cfg.shots)
+            part = _model_part(name, lm, calib, evals, cfg, tok.pad_id, bar, tasks)
+            part["summary"] = summarise(part, columns(cfg))
             seq = min(cfg.seq_len, lm.config.arch.max_seq_len)
             feats, index, ids = router_features(
                 lm.model, pack_documents(all_eval, seq, cfg.batch_size, tok.pad_id)
@@ -239,33 +332,78 @@ def _pct(x: float, digits: int = 1) -> str:
     return "n/a" if math.isnan(x) else f"{100 * x:+.{digits}f}%"
 
 
+def _accuracy_markdown(report: dict[str, Any], cols: Sequence[str], domains: Sequence[str]) -> list[str]:
+    """Downstream accuracy: the full models' acc_norm per domain and every cut's drop (points), the paper's
+    metric, beside the loss rise."""
+    m = report["models"]
+    lines = [
+        "",
+        "## Downstream accuracy (local tasks, acc_norm) and its drop",
+        "",
+        f"Tasks: `{report['config']['tasks']}` (items built from calibration documents left out). Drop = full "
+        "model's accuracy - the cut's, in points (mean over the domains with a task); beside it the loss rise.",
+        "",
+        "| keep | "
+        + " | ".join(f"EMO {_label(c)} drop / rise | std {_label(c)} drop / rise" for c in cols)
+        + " |",
+        "|---|" + "---|---|" * len(cols),
+    ]
+    for label, vals in m["emo"]["summary"].items():
+        std = m["standard"]["summary"][label]
+
+        def cell(v: dict[str, float], c: str) -> str:
+            drop = v.get(f"acc_drop/{c}")
+            return f"{'n/a' if drop is None else f'{100 * drop:+.1f}'} / {_pct(v[c], 2)}"
+
+        lines.append(f"| {label} | " + " | ".join(f"{cell(vals, c)} | {cell(std, c)}" for c in cols) + " |")
+    lines += ["", "| domain | items | EMO full acc | std full acc |", "|---|---|---|---|"]
+    for d in domains:
+        e, s = m["emo"]["domains"][d].get("accuracy"), m["standard"]["domains"][d].get("accuracy")
+        if e and s:
+            lines.append(
+                f"| {d} | {e['n']} | {e['acc_norm']:.3f} ± {e['acc_norm_stderr']:.3f} | "
+                f"{s['acc_norm']:.3f} ± {s['acc_norm_stderr']:.3f} |"
+            )
+    return lines
+
+
+def _label(col: str) -> str:
+    """``shots_8`` -> ``8-shot``; ``easy_ep_global_8`` -> ``easy_ep_global 8-shot``; ``random``."""
+    if col == "random":
+        return col
+    method, _, shots = col.rpartition("_")
+    return f"{shots}-shot" if method == "shots" else f"{method} {shots}-shot"
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """The Markdown report: full-model losses, relative rises per keep fraction, clustering."""
+    """The Markdown report: full-model losses, relative rises per keep fraction, accuracy, clustering."""
     cfg = report["config"]
-    shots = cfg["shots"]
+    cols = columns(cfg)
     m = report["models"]
     domains = list(m["emo"]["domains"])
+    n_experts = m["emo"]["router"]["num_experts"]
+    methods = ", ".join(cfg.get("methods") or ["layerwise"])
+    head = "| keep | experts | " + " | ".join(f"EMO {_label(c)} | std {_label(c)}" for c in cols) + " |"
+    rule = "|---|---|" + "---|---|" * len(cols)
     lines = [
         "# Expert-subset report",
         "",
         f"Data: `{report['data']}`; {cfg['n_calib']} calibration and {cfg['n_eval']} evaluation documents per "
-        f"domain (disjoint, seed {cfg['seed']}); layer-wise greedy selection from the first s calibration "
-        f"documents; random = mean of {cfg['random_seeds']} random subsets. Rise = loss / full-model loss - 1.",
+        f"domain (disjoint, seed {cfg['seed']}); selection ({methods}; n-shot = from the first n calibration "
+        f"documents; layer-wise unless named); random = mean of {cfg['random_seeds']} random subsets. "
+        "Rise = loss / full-model loss - 1.",
         "",
         "## Mean relative loss rise over the domains",
         "",
-        "| keep | experts | "
-        + " | ".join(f"EMO {s}-shot | std {s}-shot" for s in shots)
-        + " | EMO random | std random |",
-        "|---|---|" + "---|---|" * len(shots) + "---|---|",
+        head,
+        rule,
     ]
     for label, vals in m["emo"]["summary"].items():
         std = m["standard"]["summary"][label]
-        cells = " | ".join(f"{_pct(vals[f'shots_{s}'], 2)} | {_pct(std[f'shots_{s}'], 2)}" for s in shots)
-        k = m["emo"]["keep_counts"][label]
-        lines.append(
-            f"| {label} | {k}/{m['emo']['router']['num_experts']} | {cells} | {_pct(vals['random'], 2)} | {_pct(std['random'], 2)} |"
-        )
+        cells = " | ".join(f"{_pct(vals[c], 2)} | {_pct(std[c], 2)}" for c in cols)
+        lines.append(f"| {label} | {m['emo']['keep_counts'][label]}/{n_experts} | {cells} |")
+    if any(k.startswith("acc_drop/") for v in m["emo"]["summary"].values() for k in v):
+        lines += _accuracy_markdown(report, cols, domains)
     lines += [
         "",
         "## Full models (all experts, no pool) per domain",
@@ -280,21 +418,14 @@ def markdown(report: dict[str, Any]) -> str:
     ms = float(np.mean([m["standard"]["domains"][d]["full_loss"] for d in domains]))
     lines.append(f"| **mean** | {me:.4f} | {ms:.4f} | {_pct(me / ms - 1, 2)} |")
     for label in m["emo"]["summary"]:
-        if m["emo"]["keep_counts"][label] >= m["emo"]["router"]["num_experts"]:
+        if m["emo"]["keep_counts"][label] >= n_experts:
             continue
         lines += ["", f"## Keep {label} per domain (rise vs. the same model's full loss)", ""]
-        head = (
-            "| domain | "
-            + " | ".join(f"EMO {s}-shot | std {s}-shot" for s in shots)
-            + " | EMO random | std random |"
-        )
-        lines += [head, "|---|" + "---|---|" * len(shots) + "---|---|"]
+        lines += ["| domain | " + head.split("| experts | ", 1)[1], "|---|" + "---|---|" * len(cols)]
         for d in domains:
             ek, sk = m["emo"]["domains"][d]["keep"][label], m["standard"]["domains"][d]["keep"][label]
-            cells = " | ".join(
-                f"{_pct(ek[f'shots_{s}']['rise'])} | {_pct(sk[f'shots_{s}']['rise'])}" for s in shots
-            )
-            lines.append(f"| {d} | {cells} | {_pct(ek['random']['rise'])} | {_pct(sk['random']['rise'])} |")
+            cells = " | ".join(f"{_pct(ek[c]['rise'])} | {_pct(sk[c]['rise'])}" for c in cols)
+            lines.append(f"| {d} | {cells} |")
     lines += ["", "## Causal document pools (inference mode)", ""]
     routing = m["emo"]["domains"][domains[0]]["causal_pool"]["routing"]
     lines += [

@@ -31,6 +31,7 @@ from emo_lightning.model.moe import (
 from emo_lightning.model.pruning import (
     check_subset,
     expert_parameter_counts,
+    per_expert_key,
     prune_model,
     pruned_router_config,
     subset_mask,
@@ -83,6 +84,7 @@ __all__ = [
     "objective",
     "param_counts",
     "parse_routing",
+    "per_expert_key",
     "prune_model",
     "pruned_router_config",
     "segment_ids",

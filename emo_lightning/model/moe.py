@@ -217,15 +217,28 @@ class MoELayer(nn.Module):
             self.shared.reset_parameters(std, self.seed, self.layer_idx)
 
     def forward(
-        self, h: Tensor, doc_ids: Tensor, cache: LayerCache | None = None, allowed: Tensor | None = None
+        self,
+        h: Tensor,
+        doc_ids: Tensor,
+        cache: LayerCache | None = None,
+        allowed: Tensor | None = None,
+        capture: bool = False,
     ) -> tuple[Tensor, RouterOutput]:
         """``cache``: incremental decoding state (running pools); ``allowed``: (B|1,S|1,E') experts a token may
-        use (see ``Router.forward``)."""
+        use (see ``Router.forward``). ``capture``: also fill the returned ``RouterOutput``'s ``moe_input``,
+        ``moe_output`` and ``expert_norms`` (detached; what Easy-EP expert scores need), at no cost otherwise."""
         b, s, d = h.shape
         r = self.router(h, doc_ids, cache, allowed)
         x = h.reshape(b * s, d)  # (N,d)
         plan = dispatch(x, r.experts, self.num_routed)
-        y = combine(self.exchange(plan.x_sorted, plan.counts, self.experts), r.weights, plan)  # (N,d)
+        y_sorted = self.exchange(plan.x_sorted, plan.counts, self.experts)  # (M,d) expert outputs, sorted
+        y = combine(y_sorted, r.weights, plan)  # (N,d)
         if self.shared is not None:
             y = y + self.shared(x)
-        return y.view(b, s, d), r
+        y = y.view(b, s, d)
+        if capture:
+            norms = y_sorted.detach().float().norm(dim=-1)  # (M,) in sorted order
+            slots = torch.empty_like(norms).index_copy_(0, plan.order, norms)  # (M,) slot t*k + j
+            r.expert_norms = slots.view(plan.num_tokens, plan.k)  # (N,k')
+            r.moe_input, r.moe_output = h.detach(), y.detach()
+        return y, r

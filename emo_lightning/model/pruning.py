@@ -26,6 +26,13 @@ _PER_EXPERT = re.compile(
 )
 
 
+def per_expert_key(key: str) -> tuple[int, str] | None:
+    """``(layer, name)`` of a state-dict entry whose first dimension is the routable expert id (router rows, the
+    selection bias, routed expert weights; ``name`` e.g. ``experts.w_in``), None for every other entry."""
+    m = _PER_EXPERT.match(key)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
 def pruned_router_config(rc: RouterConfig, kept_routed: int) -> RouterConfig:
     """The router configuration of a model keeping ``kept_routed`` routable experts per layer."""
     if not 1 <= kept_routed <= rc.num_routed:
@@ -80,8 +87,8 @@ def prune_model(model: EMOTransformer, kept: Sequence[Sequence[int]]) -> EMOTran
     index = [torch.tensor(ids, dtype=torch.long) for ids in kept]
     state = {}
     for key, value in model.state_dict().items():
-        m = _PER_EXPERT.match(key)
-        state[key] = value.index_select(0, index[int(m.group(1))].to(value.device)) if m else value
+        m = per_expert_key(key)
+        state[key] = value.index_select(0, index[m[0]].to(value.device)) if m else value
     cfg = ModelConfig(arch=model.cfg.arch, router=pruned_router_config(rc, len(kept[0])))
     small = EMOTransformer.from_state_dict(cfg, state, device=model.lm_head.weight.device)
     return small.train(model.training)

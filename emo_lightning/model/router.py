@@ -56,6 +56,13 @@ class RouterOutput:
     pool_sizes: Tensor  # (B,S) long, effective pool size of segment g at [b,g], -1 for absent segments
     logits: Tensor  # (N,E') fp32 unmasked router logits z (grad)
     pool: Tensor | None = None  # (N,E') bool experts each token could use (its pool); None = all E'
+    # Filled by the MoE layer only when the forward is asked to capture (``capture=True``), detached:
+    # expert_norms (N,k') fp32 ||E_i(h_t)|| of every chosen routed expert (``experts`` order); moe_input (B,S,d)
+    # the MoE layer's input h (after the block's ffn_norm); moe_output (B,S,d) its output y (routed + shared
+    # experts, before the residual add).
+    expert_norms: Tensor | None = None
+    moe_input: Tensor | None = None
+    moe_output: Tensor | None = None
 
 
 def segment_ids(doc_ids: Tensor) -> Tensor:

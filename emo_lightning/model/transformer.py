@@ -39,6 +39,12 @@ class LayerRouting:
     # (B,G,E') bool pool the router used for segment g (all False: absent; all True: unrestricted; running
     # pools: the union of its tokens' pools), if return_routes
     pool_mask: Tensor | None = None
+    # Only with ``capture_moe`` (detached; Easy-EP scores): the MoE layer's input h_t (after ffn_norm), its output
+    # y_t (routed + shared experts, before the residual add), and ||E_i(h_t)|| of every chosen routed expert
+    # (the first k' columns of ``experts``, same order).
+    moe_input: Tensor | None = None  # (B,S,d)
+    moe_output: Tensor | None = None  # (B,S,d)
+    expert_norms: Tensor | None = None  # (B,S,k') fp32
 
 
 @dataclass
@@ -67,9 +73,10 @@ class Block(nn.Module):
         doc_ids: Tensor,
         cache: LayerCache | None = None,
         allowed: Tensor | None = None,
+        capture: bool = False,
     ) -> tuple[Tensor, RouterOutput]:
         x = x + self.attn(self.attn_norm(x), mask, cache)
-        y, r = self.moe(self.ffn_norm(x), doc_ids, cache, allowed)
+        y, r = self.moe(self.ffn_norm(x), doc_ids, cache, allowed, capture)
         return x + y, r
 
 
@@ -249,6 +256,7 @@ class EMOTransformer(nn.Module):
         route_probs: bool = True,
         cache: DecodeCache | None = None,
         allowed: Tensor | None = None,
+        capture_moe: bool = False,
     ) -> ModelOutput:
         """input_ids, doc_ids: (B,S) long (doc_ids None = one document per row).
 
@@ -256,7 +264,9 @@ class EMOTransformer(nn.Module):
         ``cache``: incremental decoding (``model/decoding.py``): the first forward is the prefill of the prompts
         (row b's first segment is its document), every later one one new token per row. ``allowed``:
         (L,B|1,S|1,E') bool, the routable experts each token may use in each layer (a subset of experts, the
-        causal pool of its document; ``model/routing.py``); None = all.
+        causal pool of its document; ``model/routing.py``); None = all. ``capture_moe``: every ``LayerRouting``
+        also gets the MoE layer's input, output and chosen experts' output norms (``moe_input``, ``moe_output``,
+        ``expert_norms``), e.g. for Easy-EP expert scores; nothing is kept or computed for them otherwise.
         """
         rc, n_layers = self.cfg.router, self.cfg.arch.n_layers
         if doc_ids is None:
@@ -269,7 +279,7 @@ class EMOTransformer(nn.Module):
         routes: list[RouterOutput] = []
         for i, blk in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
-            x, r = blk(x, mask, doc_ids, layer_cache, None if allowed is None else allowed[i])
+            x, r = blk(x, mask, doc_ids, layer_cache, None if allowed is None else allowed[i], capture_moe)
             routes.append(r)
         if cache is not None:
             cache.finish(s)
@@ -298,6 +308,9 @@ class EMOTransformer(nn.Module):
                 if route_probs:
                     lr.probs = r.logits.detach().softmax(-1).view(b, s, -1)
                 lr.pool_mask = self._segment_pools(r, seg).view(b, s, -1)
+            if capture_moe:
+                lr.moe_input, lr.moe_output = r.moe_input, r.moe_output
+                lr.expert_norms = r.expert_norms.view(b, s, -1)
             layers.append(lr)
         return ModelOutput(logits, lb_loss, z_total, lb_loss + z_total + lm_z, layers, lm_z)
 

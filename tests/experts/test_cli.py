@@ -24,7 +24,7 @@ def _run(*argv: str) -> None:
 
 
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    for cmd in ("routes", "select", "prune", "eval", "report"):
+    for cmd in ("routes", "select", "prune", "merge", "eval", "report"):
         with pytest.raises(SystemExit):
             build_parser().parse_args([cmd, "--help"])
         assert "usage: emo-experts" in capsys.readouterr().out
@@ -354,3 +354,75 @@ def test_a_write_that_fails_is_one_line(tmp_path: Path, jsonl: Path, capsys) -> 
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 1 and err.startswith("emo-experts: CheckpointWriteError: cannot write "), err
     assert "\n" not in err and (tmp_path / "taken").read_text() == "a file, not a folder"
+
+
+def test_report_compares_methods_and_adds_accuracy_drops(tmp_path: Path) -> None:
+    """``--methods`` adds a column per method (a global budget evaluated masked), ``--tasks`` the accuracy of every
+    cut on its domain's task without the calibration documents' items, and drops beside the rises."""
+    import random
+
+    from data_tools.tasks import TaskSpec, make_task
+    from emo_lightning.experts.harness import EMOHarnessLM, run_tasks
+
+    rng = random.Random(0)
+    words = [
+        "alpha",
+        "beta",
+        "gamma",
+        "delta",
+        "epsilon",
+        "zeta",
+        "eta",
+        "theta",
+        "iota",
+        "kappa",
+        "lambda",
+        "mu",
+        "nu",
+        "xi",
+        "omicron",
+        "pi",
+    ]
+    docs = tmp_path / "docs.jsonl"
+    with open(docs, "w") as f:
+        for domain in ("x", "y"):
+            for i in range(7):
+                text = " ".join(rng.choice(words) for _ in range(20))
+                f.write(json.dumps({"id": f"{domain}{i}", "domain": domain, "text": text}) + "\n")
+    make_task([docs], tmp_path / "tasks", TaskSpec(context_words=8, passage_words=4))
+    paths = {"emo": write_checkpoint(tiny_model(), tmp_path / "emo.ckpt"),
+             "standard": write_checkpoint(tiny_model("standard", seed=1), tmp_path / "std.ckpt")}  # fmt: skip
+    out = tmp_path / "r"
+    report = _report(out, docs, "--emo", str(paths["emo"]), "--baseline", str(paths["standard"]), "--keep", "0.34,1",
+                     "--shots", "2", "--methods", "layerwise,easy_ep,easy_ep:global", "--tasks", str(tmp_path / "tasks"))  # fmt: skip
+    tok = DocumentTokenizer(TOKENIZER)
+    for name, path in paths.items():
+        model = load_model(path).model
+        for domain, dres in report["models"][name]["domains"].items():
+            calib = set(report["domains"][domain]["calibration"])
+            items = [
+                json.loads(x)
+                for x in (tmp_path / "tasks" / f"nextpassage_{domain}.jsonl").read_text().splitlines()
+            ]
+            keep_items = [i for i, it in enumerate(items) if it["doc_id"] not in calib]
+            assert dres["accuracy"]["n"] == len(keep_items) < len(items)  # calibration items left out
+            entry = dres["keep"]["0.34"]
+            assert {"shots_2", "easy_ep_2", "easy_ep_global_2", "random"} <= set(entry)
+            glob = entry["easy_ep_global_2"]
+            assert sum(map(len, glob["layers"])) == 3 * 2  # the budget, spread
+            ee = entry["easy_ep_2"]
+            cut = prune_model(model, ee["layers"])
+            lm = EMOHarnessLM(cut, tok, progress=False)
+            task = f"nextpassage_{domain}"
+            acc = run_tasks(lm, [task], tmp_path / "tasks", samples={task: keep_items})[task]
+            assert ee["accuracy"]["acc_norm"] == pytest.approx(acc["acc_norm"])
+            assert ee["accuracy"]["drop"] == pytest.approx(dres["accuracy"]["acc_norm"] - acc["acc_norm"])
+            assert dres["keep"]["1"]["easy_ep_2"]["accuracy"]["drop"] == 0
+        summary = report["models"][name]["summary"]["0.34"]
+        drops = [
+            d["keep"]["0.34"]["shots_2"]["accuracy"]["drop"]
+            for d in report["models"][name]["domains"].values()
+        ]
+        assert summary["acc_drop/shots_2"] == pytest.approx(sum(drops) / len(drops))
+    text = (out / "report.md").read_text()
+    assert "Downstream accuracy" in text and "easy_ep_global 2-shot" in text

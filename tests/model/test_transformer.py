@@ -240,3 +240,44 @@ def test_model_package_imports_without_lightning() -> None:
         "assert 'lightning' not in [k for k, v in sys.modules.items() if v is not None]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def _swiglu(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    g, u = (x @ w_in).chunk(2, dim=-1)
+    return (F.silu(g) * u) @ w_out
+
+
+@pytest.mark.parametrize("kind", ["emo", "standard"])
+def test_capture_moe_matches_a_hand_computation(kind: str) -> None:
+    """``capture_moe``: every layer's MoE input and output and each chosen expert's output norm, token by token."""
+    torch.manual_seed(0)
+    model = EMOTransformer(tiny(kind)).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    doc = docs([5, 7]).expand(2, 12)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of every MoE layer, by forward hooks
+    hooks = [
+        b.moe.register_forward_hook(lambda _m, args, out: seen.append((args[0], out[0])))
+        for b in model.blocks
+    ]
+    with torch.no_grad(), model.routing(Routing("pool", 3)):
+        plain = model(ids, doc, return_routes=True)
+        out = model(ids, doc, return_routes=True, capture_moe=True)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(plain.logits, out.logits)  # capturing changes nothing
+    assert all(lr.moe_input is None and lr.expert_norms is None for lr in plain.layers)  # not asked: nothing
+    k = model.cfg.router.routed_k
+    for layer, (blk, lr) in enumerate(zip(model.blocks, out.layers, strict=True)):
+        h, y = seen[len(model.blocks) + layer]  # the captured forward's layer
+        assert torch.equal(lr.moe_input, h) and torch.equal(lr.moe_output, y)
+        assert lr.expert_norms.shape == (2, 12, k)
+        w_in, w_out = blk.moe.experts.w_in, blk.moe.experts.w_out
+        for b in range(2):
+            for t in range(12):
+                x = h[b, t]
+                outs = [_swiglu(x, w_in[e], w_out[e]) for e in lr.experts[b, t, :k].tolist()]
+                norms = torch.stack([o.norm() for o in outs])
+                torch.testing.assert_close(lr.expert_norms[b, t], norms, rtol=1e-5, atol=1e-6)
+                mixed = sum(w * o for w, o in zip(lr.weights[b, t, :k], outs, strict=True))
+                mixed = mixed + _swiglu(x, blk.moe.shared.w_in, blk.moe.shared.w_out)
+                torch.testing.assert_close(y[b, t], mixed, rtol=1e-5, atol=1e-6)
