@@ -67,6 +67,30 @@ def write_checkpoint(model: EMOTransformer, path: Path) -> Path:
     return path
 
 
+# random-word documents (tasks and harness tests): every word a few tokens of the bundled tokenizer
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+    "sigma",
+    "tau",
+]
+
+
 TEXTS = {
     "math": ["Tom has 3 apples and buys 4 more. How many apples? 3 + 4 = 7. #### 7",
              "A train goes 60 miles per hour for 2 hours: 60 * 2 = 120 miles. #### 120",

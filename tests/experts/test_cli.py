@@ -16,7 +16,7 @@ from emo_lightning.experts.cli import build_parser, main
 from emo_lightning.experts.documents import Document, DocumentTokenizer, load_documents
 from emo_lightning.experts.evaluate import evaluate
 from emo_lightning.model import EMOTransformer, prune_model
-from tests.experts.conftest import TOKENIZER, tiny_model, write_checkpoint
+from tests.experts.conftest import TOKENIZER, WORDS, tiny_model, write_checkpoint
 
 
 def _run(*argv: str) -> None:
@@ -365,29 +365,11 @@ def test_report_compares_methods_and_adds_accuracy_drops(tmp_path: Path) -> None
     from emo_lightning.experts.harness import EMOHarnessLM, run_tasks
 
     rng = random.Random(0)
-    words = [
-        "alpha",
-        "beta",
-        "gamma",
-        "delta",
-        "epsilon",
-        "zeta",
-        "eta",
-        "theta",
-        "iota",
-        "kappa",
-        "lambda",
-        "mu",
-        "nu",
-        "xi",
-        "omicron",
-        "pi",
-    ]
     docs = tmp_path / "docs.jsonl"
     with open(docs, "w") as f:
         for domain in ("x", "y"):
             for i in range(7):
-                text = " ".join(rng.choice(words) for _ in range(20))
+                text = " ".join(rng.choice(WORDS[:16]) for _ in range(20))
                 f.write(json.dumps({"id": f"{domain}{i}", "domain": domain, "text": text}) + "\n")
     make_task([docs], tmp_path / "tasks", TaskSpec(context_words=8, passage_words=4))
     paths = {"emo": write_checkpoint(tiny_model(), tmp_path / "emo.ckpt"),

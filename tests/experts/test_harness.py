@@ -14,29 +14,7 @@ from emo_lightning.experts.cli import main
 from emo_lightning.experts.documents import DocumentTokenizer
 from emo_lightning.experts.harness import EMOHarnessLM
 from emo_lightning.model import Routing
-from tests.experts.conftest import TOKENIZER, tiny_model, write_checkpoint
-
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "epsilon",
-    "zeta",
-    "eta",
-    "theta",
-    "iota",
-    "kappa",
-    "lambda",
-    "mu",
-    "nu",
-    "xi",
-    "omicron",
-    "pi",
-    "rho",
-    "sigma",
-    "tau",
-]
+from tests.experts.conftest import TOKENIZER, WORDS, tiny_model, write_checkpoint
 
 
 class _Req:
