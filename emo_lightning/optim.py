@@ -9,6 +9,9 @@ import torch
 from torch import nn
 
 from emo_lightning.errors import ConfigError
+from emo_lightning.model import per_expert_key
+
+TRAINABLE = ("all", "experts")
 
 
 @dataclass
@@ -23,6 +26,10 @@ class OptimConfig:
         warmup_steps: linear warm-up length in optimizer steps.
         decay_steps: length of the cosine decay (from step 0); ``None`` uses the trainer's ``max_steps``.
         min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
+        trainable: ``all``, or ``experts``: only the routed experts' weights train; embeddings, attention, norms,
+            router and shared experts stay as loaded. A module update for ``emo-experts merge``: fine-tune a
+            pruned subset this way and its experts go back into the full model without the dense weights
+            they were tuned with (docs/modularity.md, issue 25).
     """
 
     lr: float = 3e-3
@@ -32,8 +39,13 @@ class OptimConfig:
     warmup_steps: int = 100
     decay_steps: int | None = None
     min_lr_ratio: float = 0.1
+    trainable: str = "all"
 
     def __post_init__(self) -> None:
+        if self.trainable not in TRAINABLE:
+            raise ConfigError(
+                "optim.trainable", f"must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}"
+            )
         if self.lr <= 0:
             raise ConfigError("optim.lr", f"must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -48,11 +60,21 @@ class OptimConfig:
             )
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float, trainable: str = "all") -> list[dict]:
     """Split parameters into a decayed group (matrices) and an undecayed one (embeddings, norms, biases).
 
     Every group carries a ``name`` so that DeepSpeed can split off its MoE parameter groups later.
+    ``trainable="experts"`` first freezes (``requires_grad=False``) every parameter but the routed experts' weights.
     """
+    if trainable == "experts":
+        experts = 0
+        for name, param in model.named_parameters():
+            where = per_expert_key(name)
+            keep = where is not None and where[1].startswith("experts.")
+            param.requires_grad_(keep)
+            experts += keep
+        if not experts:
+            raise ValueError("optim.trainable=experts: the model has no routed expert weights")
     embedding_params = {
         id(p) for module in model.modules() if isinstance(module, nn.Embedding) for p in module.parameters()
     }
@@ -84,7 +106,7 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over :func:`parameter_groups` with the warm-up + cosine schedule stepped every optimizer step."""
     decay_steps = config.decay_steps if config.decay_steps is not None else total_steps
-    groups = parameter_groups(model, config.weight_decay)
+    groups = parameter_groups(model, config.weight_decay, config.trainable)
     if any(getattr(p, "allreduce", True) is False for g in groups for p in g["params"]):
         # Expert-parallel parameters (DeepSpeed's markers): ZeRO needs them in its separate MoE groups.
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer

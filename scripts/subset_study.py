@@ -8,7 +8,8 @@ does merging a fine-tuned subset back into the full model break the other domain
     python scripts/subset_study.py merge --emo EMO.ckpt --baseline STD.ckpt --domains code --tasks runs/tasks_val
 
 ``merge``: the domain's 25% subset fine-tuned as in ``domains`` (the same run, reused), written back into the full
-model (``emo-experts merge``, dense weights of the full model and of the part), then every domain's val loss
+model (``emo-experts merge``, dense weights of the full model and of the part; ``--experts-only``: also a subset
+fine-tuned with only its routed experts trainable, ``optim.trainable: experts``), then every domain's val loss
 (without the calibration documents) and, with ``--tasks`` (an ``emo-data make-task`` folder), every domain's task
 accuracy, for the full model and each merged one.
 
@@ -97,7 +98,10 @@ def prune_to(ckpt: str, subset, out: Path) -> Path:
     return out
 
 
-def fine_tune(kind: str, small: Path, train: Path, name: str, args: argparse.Namespace) -> Path:
+def fine_tune(
+    kind: str, small: Path, train: Path, name: str, args: argparse.Namespace, trainable: str = "all"
+) -> Path:
+    """``emo fit --init_from small`` on ``train``; ``trainable="experts"``: only the routed experts train."""
     run = args.out / "runs" / name
     ckpt = run / "checkpoints" / "last.ckpt"
     if not ckpt.exists():
@@ -105,7 +109,8 @@ def fine_tune(kind: str, small: Path, train: Path, name: str, args: argparse.Nam
                "--data.train_shards", str(train), "--data.val_shards", "null", "--trainer.max_steps", str(args.steps),
                "--trainer.limit_val_batches", "0", "--checkpoint.every_n_train_steps", str(args.steps),
                "--model.optim.lr", str(args.lr), "--model.optim.warmup_steps", "20", "--monitor", "false",
-               "--trainer.enable_progress_bar", "false", "--runs_dir", str(args.out / "runs"), "--experiment", name]  # fmt: skip
+               "--model.optim.trainable", trainable, "--trainer.enable_progress_bar", "false",
+               "--runs_dir", str(args.out / "runs"), "--experiment", name]  # fmt: skip
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return ckpt
 
@@ -274,6 +279,27 @@ def merge_phase(args: argparse.Namespace) -> None:
                 flush=True,
             )
 
+            def experts_only(
+                kind=kind, ckpt=ckpt, d=d
+            ) -> dict[str, Any]:  # a module update: only experts train
+                rest = split_val(args.corpus, d, args.out / "data")[1]
+                small = args.out / "ckpt" / f"{kind}_{d}_25.ckpt"
+                name = f"{kind}_{d}_25_ft_experts"
+                tuned = fine_tune(kind, small, shards(args.corpus, [d], args.out), name, args, "experts")
+                path = args.out / "ckpt" / f"{kind}_{d}_merged_experts.ckpt"
+                if not path.exists():
+                    model, hparams, source, meta = merge_checkpoints(ckpt, tuned)
+                    save_checkpoint(model, hparams, path, source, emo_merged=meta)
+                merged = {
+                    "loss": _all_losses(path, args),
+                    "acc": _accuracy(path, args) if args.tasks else None,
+                }
+                return {"part_ft": {"loss": {d: loss(tuned, rest)}}, "merged_full": merged}
+
+            if args.experts_only:
+                row = cached(args.out / "results" / f"merge_{kind}_{d}_experts.json", experts_only)
+                print(kind, d, "experts only", json.dumps(row), flush=True)
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -288,6 +314,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "subset_study")
     p.add_argument("--tasks", type=Path, default=None, help="merge: an emo-data make-task folder (accuracy)")
+    p.add_argument(
+        "--experts-only",
+        action="store_true",
+        help="merge: also fine-tune the subset with only its experts trainable (optim.trainable experts) and merge",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     phases = {

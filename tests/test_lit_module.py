@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from emo_lightning.data import ShardDataModule
+from emo_lightning.errors import ConfigError
 from emo_lightning.lit_module import EMOLitModule
-from emo_lightning.optim import parameter_groups, warmup_cosine
+from emo_lightning.model import per_expert_key
+from emo_lightning.optim import OptimConfig, parameter_groups, warmup_cosine
+from emo_lightning.training import TrainStep
 from tests.factories import tiny_lit_module
 
 
@@ -192,3 +195,25 @@ def test_resume_with_the_bias_is_exact(tmp_path: Path, tiny_shards) -> None:
         if tensor.is_floating_point():
             torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert straight.model.routers()[0].expert_bias.abs().sum() > 0
+
+
+def test_trainable_experts_updates_only_the_routed_experts() -> None:
+    """``optim.trainable: experts`` (a module update for ``emo-experts merge``): one optimizer step changes every
+    routed expert weight and leaves every other parameter bit-identical."""
+    module = tiny_lit_module()
+    module.configure_model()
+    model = module.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = TrainStep(model, OptimConfig(lr=1e-2, warmup_steps=0, trainable="experts"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.cfg.arch.vocab_size, (2, 32), generator=g)
+    batch = {"input_ids": ids, "doc_ids": torch.zeros_like(ids), "labels": ids.roll(-1, 1)}
+    step.step(batch)
+    after = model.state_dict()
+    expert_keys = {k for k in before if (w := per_expert_key(k)) is not None and w[1].startswith("experts.")}
+    assert expert_keys, "no routed expert weights found"
+    for key, value in before.items():
+        changed = not torch.equal(value, after[key])
+        assert changed == (key in expert_keys), key
+    with pytest.raises(ConfigError, match=r"optim\.trainable"):
+        OptimConfig(trainable="router")
