@@ -193,6 +193,8 @@ class EMOCLI(LightningCLI):
         path = self.config[subcommand].get("init_from")
         if not path:
             return
+        # recorded absolute (hparams): `emo-experts merge` finds a fine-tuned part's source from any folder
+        path = self.config[subcommand]["init_from"] = str(Path(path).absolute())
         hparams = read_checkpoint(path)["hyper_parameters"]
         model = {
             k: asdict(v) if is_dataclass(v) else dict(v) for k in ("arch", "router") if (v := hparams.get(k))

@@ -274,9 +274,11 @@ def test_every_run_has_the_monitors_unless_turned_off() -> None:
     ] == [5]
 
 
-def test_init_from_a_pruned_checkpoint_fine_tunes_the_pruned_model(tmp_path: Path, tiny_shards) -> None:
+def test_init_from_a_pruned_checkpoint_fine_tunes_the_pruned_model(
+    tmp_path: Path, tiny_shards, monkeypatch
+) -> None:
     """``--init_from`` takes weights and the (smaller) architecture from the checkpoint, with a fresh optimizer
-    and step count; the loss falls."""
+    and step count; the loss falls; a relative path is recorded absolute (merge reads it from anywhere)."""
     from emo_lightning.experts.cli import main as experts
 
     main(["fit", *small_run_args(tmp_path, tiny_shards, "--trainer.max_steps", "4")])
@@ -291,7 +293,9 @@ def test_init_from_a_pruned_checkpoint_fine_tunes_the_pruned_model(tmp_path: Pat
 
     before = val_ce("--init_from", small)
     assert before == val_ce("--ckpt_path", small)  # the pruned weights were loaded, not a fresh init
-    cli = build_cli(["fit", *small_run_args(tmp_path, tiny_shards, "--trainer.max_steps", "12", "--trainer.val_check_interval", "12", "--init_from", small, "--experiment", "ft")])  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["fit", *small_run_args(tmp_path, tiny_shards, "--trainer.max_steps", "12", "--trainer.val_check_interval", "12", "--init_from", "small.ckpt", "--experiment", "ft")])  # fmt: skip
+    assert cli.model.hparams["init_from"] == small
     model = cli.model.model
     assert model.cfg.router.num_experts == 4  # the pruned architecture (3 routable + 1 shared)
     pruned = torch.load(small, map_location="cpu", weights_only=True)["state_dict"]
